@@ -1,0 +1,8 @@
+"""fer_ray: train, sweep and ensemble FER-2013 models on Ray.
+
+Layers, bottom up: ``fer_ray.data`` (ingest, splits, augmentation), ``fer_ray.models`` (registry),
+``fer_ray.engine`` (pure-torch loops), ``fer_ray.train`` (Ray Train), ``fer_ray.sweep`` (Ray Tune + ASHA),
+``fer_ray.tta`` / ``fer_ray.ensemble`` / ``fer_ray.report`` (logit store, combiners, leaderboard).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,260 @@
+"""The ``fer-ray`` command: one subcommand per pipeline stage, each a thin call into the package.
+
+``fer-ray demo`` runs everything on the synthetic set; ``sweep`` runs a sweep file end to end (or resumes
+one); ``train`` runs one Ray Train job; ``tta``, ``ensemble`` and ``report`` re-run later stages on an
+existing experiment folder; ``models``/``flops`` inspect the registry; ``data`` writes or summarises data.
+Bad input exits with status 2 and one line naming the file or field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from fer_ray.checkpoint import CheckpointError
+from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
+from fer_ray.data import DataError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sweep_file(name: str) -> Path:
+    p = Path(name)
+    if not p.exists() and (REPO_ROOT / "sweeps" / p).exists():
+        p = REPO_ROOT / "sweeps" / p
+    return p
+
+
+def _apply_overrides(cfg: SweepConfig, args) -> SweepConfig:
+    train = cfg.train.to_dict()
+    if args.workers_per_trial is not None:
+        train["num_workers"] = args.workers_per_trial
+    if args.gpus_per_trial:
+        train.update(use_gpu=True, num_workers=args.workers_per_trial or args.gpus_per_trial)
+    data = cfg.data.to_dict()
+    if args.data:
+        data["path"] = args.data
+    raw = cfg.to_dict() | {"train": train, "data": data}
+    if args.name:
+        raw["name"] = args.name
+    return SweepConfig.from_dict(raw, "sweep")
+
+
+def cmd_sweep(args) -> None:
+    from fer_ray.pipeline import run_all
+
+    if args.resume:
+        exp_dir = Path(args.resume)
+        cfg = load_sweep(exp_dir / "sweep.yaml")
+    else:
+        cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
+        exp_dir = Path(args.out) / cfg.name
+    if args.wandb:
+        os.environ["FER_RAY_WANDB"] = "1"
+    run_all(cfg, exp_dir, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
+
+
+def cmd_demo(args) -> None:
+    args.sweep, args.resume = args.sweep or "demo.yaml", None
+    args.name = args.data = args.workers_per_trial = args.gpus_per_trial = None
+    args.sweep_only, args.wandb = False, False
+    out = Path(args.out)
+    args.out = str(out.parent)
+    args.name = out.name
+    cmd_sweep(args)
+
+
+def cmd_train(args) -> None:
+    import ray.train
+
+    from fer_ray.sweep import collect_trials
+    from fer_ray.train import init_ray, make_trainer, prepare_dataset, put_dataset
+
+    raw = load_yaml(args.config) if args.config else {}
+    train = raw.get("train", {}) | {k: v for k, v in {
+        "model": args.model, "epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
+        "lr": args.lr, "num_workers": args.workers, "use_gpu": args.gpu or None}.items() if v is not None}
+    data = raw.get("data", {}) | ({"path": args.data} if args.data else {})
+    cfg = SweepConfig.from_dict({"name": args.name, "data": data, "train": train, "num_samples": 1,
+                                 "asha": {"max_t": train.get("epochs", TrainConfig().epochs)}}, "train")
+    exp_dir = (Path(args.out) / cfg.name).absolute()
+    data_obj, splits = prepare_dataset(cfg.data)
+    from fer_ray.sweep import _write_setup
+
+    _write_setup(cfg, exp_dir, data_obj, splits)
+    init_ray(num_cpus=args.num_cpus)
+    run_id = time.strftime("run_%Y%m%d_%H%M%S")
+    trainer = make_trainer(cfg.train, put_dataset(data_obj, splits), exp_dir / "trials" / run_id, exp_dir / "train",
+                           name=run_id)
+    result = trainer.fit()
+    print(json.dumps({k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)}, default=str))
+    print(collect_trials(exp_dir).drop(columns=["config"]).to_string(index=False))
+    del ray
+
+
+def cmd_tta(args) -> None:
+    from fer_ray.pipeline import tta_stage
+
+    paths = tta_stage(Path(args.results_dir), args.views)
+    print(f"{len(paths)} logit files under {Path(args.results_dir) / 'logits'}")
+
+
+def cmd_ensemble(args) -> None:
+    from fer_ray.ensemble import EnsembleSpec, run_ensemble
+    from fer_ray.pipeline import ensemble_stage
+
+    exp = Path(args.results_dir)
+    if args.spec:
+        raw = load_yaml(args.spec)
+        raw.setdefault("name", Path(args.spec).stem)
+        if args.budget_gmacs is not None:
+            raw["budget_gmacs"] = args.budget_gmacs
+        out = run_ensemble(exp, EnsembleSpec.from_dict(raw))
+    else:
+        out = ensemble_stage(exp, args.top_k, args.combiner)
+    print(json.dumps(out, indent=1, default=str)[:4000])
+
+
+def cmd_report(args) -> None:
+    from fer_ray.pipeline import report_stage
+    from fer_ray.report import format_table
+
+    board = report_stage(Path(args.results_dir), Path(args.out) if args.out else None)
+    print(format_table(board))
+
+
+def cmd_models(args) -> None:
+    from fer_ray.models import list_models, model_cfg
+
+    for name in list_models(args.pattern):
+        c = model_cfg(name)
+        print(f"{name:32s} {c.in_chans}×{c.img_size}×{c.img_size}  {c.description}")
+    print("timm/<name>                      any timm model (e.g. timm/efficientnet_b0)")
+
+
+def cmd_flops(args) -> None:
+    from fer_ray.flops import model_profile
+
+    print(json.dumps(model_profile(args.model, img_size=args.img_size), indent=1))
+
+
+def cmd_data(args) -> None:
+    if args.data_cmd == "synth":
+        from fer_ray.data import synthetic
+
+        data = synthetic.generate(args.n, seed=args.seed)
+        path = synthetic.write_csv(Path(args.out) / "fer2013.csv", data)
+        print(f"wrote {path} ({len(data)} images)")
+        return
+    from fer_ray.data import USAGES, load_data
+
+    data = load_data(DataConfig(path=args.path, format=args.format, on_bad_row=args.on_bad_row))
+    print(f"{args.path}: {len(data)} images")
+    for u, name in enumerate(USAGES):
+        mask = data.usage == u
+        if mask.any():
+            print(f"  {name:12s} {int(mask.sum()):6d}  per class {data.class_counts(name).tolist()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fer-ray", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def sweep_opts(sp):
+        sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all); ignored with RAY_ADDRESS")
+        sp.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (0 = Ray Train local mode)")
+        sp.add_argument("--gpus-per-trial", type=int, help="GPUs per trial (one per DDP worker)")
+        sp.add_argument("--data", help="dataset path (csv, image folders, torchvision layout); default synthetic")
+        sp.add_argument("--name", help="experiment name (default: the sweep's name)")
+
+    s = sub.add_parser("sweep", help="run a sweep file: ASHA sweep → TTA → ensemble → leaderboard")
+    s.add_argument("sweep", nargs="?", help="sweeps/<file>.yaml (or a bare file name inside sweeps/)")
+    s.add_argument("--out", default="results", help="results root (default: results)")
+    s.add_argument("--resume", metavar="RESULTS_DIR", help="continue an interrupted sweep in this experiment folder")
+    s.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no TTA/ensemble/report)")
+    s.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
+    sweep_opts(s)
+    s.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the synthetic dataset (sweeps/demo.yaml)")
+    d.add_argument("--out", default="results/demo", help="experiment folder (default: results/demo)")
+    d.add_argument("--sweep", help="sweep file (default: sweeps/demo.yaml)")
+    d.add_argument("--num-cpus", type=int)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="one Ray Train (DDP) run of one model")
+    t.add_argument("--model", help="registry name or timm/<name> (see `fer-ray models`)")
+    t.add_argument("--config", help="YAML with optional `data:` and `train:` sections")
+    t.add_argument("--data", help="dataset path; default synthetic")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--img-size", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--workers", type=int, help="DDP workers (0 = in-process local mode)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP on tensor-core GPUs)")
+    t.add_argument("--num-cpus", type=int)
+    t.add_argument("--name", default="train", help="experiment name under --out")
+    t.add_argument("--out", default="results")
+    t.set_defaults(func=cmd_train)
+
+    tt = sub.add_parser("tta", help="(re)fill the TTA logit store of an experiment")
+    tt.add_argument("results_dir")
+    tt.add_argument("--views", nargs="+", help="view names (default: the sweep's tta_views)")
+    tt.set_defaults(func=cmd_tta)
+
+    e = sub.add_parser("ensemble", help="combine stored TTA logits of the best trials")
+    e.add_argument("results_dir")
+    e.add_argument("--top-k", type=int, default=3)
+    e.add_argument("--combiner", default="mean_logits")
+    e.add_argument("--spec", help="ensembles/<name>.yaml")
+    e.add_argument("--budget-gmacs", type=float, help="most accurate ensemble (on the selection split) under X GMACs")
+    e.set_defaults(func=cmd_ensemble)
+
+    r = sub.add_parser("report", help="leaderboard CSV/Markdown + HTML report with plots")
+    r.add_argument("results_dir")
+    r.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
+    r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("models", help="list registered models")
+    m.add_argument("pattern", nargs="?", default="*")
+    m.set_defaults(func=cmd_models)
+
+    f = sub.add_parser("flops", help="params and GMACs (fvcore) of a model")
+    f.add_argument("model")
+    f.add_argument("--img-size", type=int)
+    f.set_defaults(func=cmd_flops)
+
+    da = sub.add_parser("data", help="write the synthetic set, or load and summarise a dataset")
+    dsub = da.add_subparsers(dest="data_cmd", required=True)
+    ds = dsub.add_parser("synth", help="write a synthetic Kaggle-format fer2013.csv")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--n", type=int, default=6000)
+    ds.add_argument("--seed", type=int, default=0)
+    dl = dsub.add_parser("load", help="load a dataset and print split sizes and class counts")
+    dl.add_argument("path")
+    dl.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
+    dl.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
+    da.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "sweep" and not (args.sweep or args.resume):
+        build_parser().error("sweep: give a sweep file or --resume RESULTS_DIR")
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError, yaml.YAMLError) as e:
+        print(f"fer-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Typed run configuration: data, augmentation, training and sweep dataclasses, loaded from YAML.
+
+Every dataclass rejects unknown keys and impossible values with a one-line ``ConfigError`` naming the field.
+A sweep file (``sweeps/*.yaml``) holds ``data``, ``train`` (the base trial config) and a ``search_space`` of
+dotted ``train`` field names (``lr``, ``augment.strength``) mapped to ``{choice|uniform|loguniform|randint}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the file or field."""
+
+
+class _Config:
+    """Mixin: ``from_dict`` with unknown-key rejection and nested dataclass fields; ``to_dict``."""
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, where: str = "") -> Any:
+        raw = dict(raw or {})
+        where = where or cls.__name__
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+        kwargs = {}
+        for key, value in raw.items():
+            sub = hints[key]
+            if isinstance(sub, type) and issubclass(sub, _Config):
+                value = sub.from_dict(value, f"{where}.{key}")
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> Any:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+@dataclass
+class DataConfig(_Config):
+    """Where the faces come from and how Training is split."""
+
+    path: str | None = None
+    """A fer2013.csv, an image-folder root or a torchvision FER2013 folder; ``None`` draws the synthetic set."""
+    format: str = "auto"
+    """``auto``, ``csv``, ``folders`` or ``torchvision``."""
+    synthetic_n: int = 6000
+    """Images drawn when ``path`` is ``None``."""
+    synthetic_seed: int = 0
+    val_fraction: float = 0.1
+    """Stratified share of Training held out as the selection split ``val``."""
+    split_seed: int = 0
+    cache_dir: str | None = ".cache/fer_ray"
+    on_bad_row: str = "error"
+    """``error`` stops at the first malformed row; ``skip`` drops bad rows and reports how many."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("auto", "csv", "folders", "torchvision"), "format", f"unknown {self.format!r}")
+        _check(self.synthetic_n >= 70, "synthetic_n", f"must be >= 70, got {self.synthetic_n}")
+        _check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.on_bad_row in ("error", "skip"), "on_bad_row", f"must be error or skip, got {self.on_bad_row!r}")
+
+
+@dataclass
+class AugmentConfig(_Config):
+    """Per-sample random augmentation of whole batches on the training device (``fer_ray.data.augment``)."""
+
+    strength: float = 1.0
+    """Multiplies rotation, translation, scale and jitter ranges; 0 turns augmentation off (flip aside)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    rotate: float = 10.0
+    """Max rotation in degrees."""
+    translate: float = 0.1
+    """Max shift as a fraction of the image side."""
+    scale: float = 0.1
+    """Zoom range ``1 ± scale``."""
+    shear: float = 0.0
+    """Max shear in degrees."""
+    brightness: float = 0.0
+    contrast: float = 0.0
+    erasing: float = 0.0
+    """Probability of random erasing (cutout)."""
+
+    def __post_init__(self) -> None:
+        _check(self.strength >= 0, "strength", f"must be >= 0, got {self.strength}")
+        for name in ("hflip", "erasing"):
+            _check(0 <= getattr(self, name) <= 1, name, f"must be a probability, got {getattr(self, name)}")
+        for name in ("rotate", "translate", "scale", "shear", "brightness", "contrast"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.translate * self.strength < 0.5, "translate", "translate × strength must stay below 0.5")
+        _check(self.scale * self.strength < 1, "scale", "scale × strength must stay below 1")
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step", "plateau")
+
+
+@dataclass
+class TrainConfig(_Config):
+    """One training run: model, optimisation, augmentation and DDP layout."""
+
+    model: str = "advanced_emotion_net"
+    """Registry name (``fer-ray models``) or ``timm/<name>``."""
+    img_size: int | None = None
+    """Input side in px; ``None`` uses the model's default."""
+    in_chans: int | None = None
+    drop_rate: float | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool | str = False
+    """``True`` downloads through timm's hub, a path loads a local weights file."""
+    epochs: int = 10
+    batch_size: int = 64
+    """Global batch size, split evenly across DDP workers."""
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    amp: str = "auto"
+    """``auto`` (bf16/fp16 on tensor-core GPUs, fp32 elsewhere), ``off``, ``fp16`` or ``bf16``."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_batch_size: int = 512
+    seed: int = 0
+    num_workers: int = 2
+    """DDP workers (Ray Train actors); 0 runs the loop in-process (Ray Train local mode)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        from fer_ray.models import is_model
+
+        _check(is_model(self.model), "model", f"unknown model {self.model!r} (see `fer-ray models`)")
+        _check(self.img_size is None or 16 <= self.img_size <= 512, "img_size", f"out of range: {self.img_size}")
+        _check(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", f"must be in [0, 1): {self.drop_rate}")
+        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.scheduler in SCHEDULERS, "scheduler", f"must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        _check(self.amp in ("auto", "off", "fp16", "bf16"), "amp", f"must be auto/off/fp16/bf16, got {self.amp!r}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig.from_dict(self.augment, "augment")
+
+
+_SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
+
+
+@dataclass
+class AshaConfig(_Config):
+    """Ray Tune's ASHAScheduler, in epochs."""
+
+    max_t: int = 10
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.grace_period <= self.max_t, "grace_period", "must be in [1, max_t]")
+        _check(self.reduction_factor > 1, "reduction_factor", "must be > 1")
+
+
+@dataclass
+class SweepConfig(_Config):
+    """A Ray Tune sweep: one TorchTrainer run per trial, scheduled by ASHA."""
+
+    name: str = "sweep"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search_space: dict = field(default_factory=dict)
+    """Dotted TrainConfig field → ``{choice: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
+    ``{randint: [lo, hi]}`` or ``{grid: [...]}``."""
+    num_samples: int = 4
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    metric: str = "val_acc"
+    mode: str = "max"
+    max_concurrent_trials: int = 1
+    seed: int = 0
+    max_failures: int = 1
+    """Tune retries per trial (a retried trial resumes from its last epoch checkpoint)."""
+    tta_views: list = field(default_factory=lambda: ["identity", "hflip"])
+    ensemble_top_k: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _check(self.mode in ("max", "min"), "mode", "must be max or min")
+        _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
+        _check(self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1")
+        base = self.train.to_dict()
+        for key, spec in self.search_space.items():
+            _check(_has_path(base, key), f"search_space.{key}", "is not a train config field")
+            ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _SAMPLERS
+            _check(ok, f"search_space.{key}", f"must be one mapping of {'/'.join(_SAMPLERS)} to values")
+            sampler, values = next(iter(spec.items()))
+            _check(isinstance(values, list) and values, f"search_space.{key}", "needs a non-empty list")
+            if sampler in ("uniform", "loguniform", "randint"):
+                _check(len(values) == 2 and values[0] < values[1], f"search_space.{key}", "needs [low, high]")
+            if sampler in ("choice", "grid"):
+                for v in values:  # each candidate must make a valid TrainConfig
+                    try:
+                        TrainConfig.from_dict(set_path(base, key, v))
+                    except ConfigError as e:
+                        raise ConfigError(f"search_space.{key}: value {v!r} is invalid ({e})") from None
+        if self.asha.max_t > self.train.epochs:
+            raise ConfigError(f"asha.max_t ({self.asha.max_t}) exceeds train.epochs ({self.train.epochs})")
+
+
+def _has_path(d: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
+def set_path(d: dict, dotted: str, value: Any) -> dict:
+    """A copy of nested dict ``d`` with ``dotted`` (``augment.strength``) set to ``value``."""
+    head, _, rest = dotted.partition(".")
+    out = dict(d)
+    out[head] = set_path(d[head], rest, value) if rest else value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with file-naming one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Parse a sweep YAML file; errors name the file and the field."""
+    raw = load_yaml(path)
+    raw.setdefault("name", Path(path).stem)
+    try:
+        return SweepConfig.from_dict(raw, "sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

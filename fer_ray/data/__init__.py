@@ -1,0 +1,25 @@
+"""Data: loaders for every FER-2013 format, the synthetic set, splits and batch augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fer_ray.data.dataset import CLASSES, IMG_SIZE, SPLITS, USAGES, DataError, FERData, split_indices
+
+__all__ = ["CLASSES", "IMG_SIZE", "SPLITS", "USAGES", "DataError", "FERData", "load_data", "split_indices"]
+
+
+def load_data(cfg) -> FERData:
+    """Load ``cfg.path`` (a ``DataConfig``), or when it is ``None`` draw the synthetic set, write it as a Kaggle
+    ``fer2013.csv`` under ``cfg.cache_dir`` (once) and load that file through the real CSV reader."""
+    from fer_ray.data.ingest import load_dataset
+
+    if cfg.path is not None:
+        return load_dataset(cfg.path, fmt=cfg.format, cache_dir=cfg.cache_dir, on_bad_row=cfg.on_bad_row)
+    from fer_ray.data import synthetic
+
+    root = Path(cfg.cache_dir or ".cache/fer_ray") / f"synthetic-n{cfg.synthetic_n}-s{cfg.synthetic_seed}"
+    csv = root / "fer2013.csv"
+    if not csv.is_file():
+        synthetic.write_csv(csv, synthetic.generate(cfg.synthetic_n, seed=cfg.synthetic_seed))
+    return load_dataset(csv, fmt="csv", cache_dir=cfg.cache_dir)

@@ -1,0 +1,152 @@
+"""Pure-torch training core: batching, one training epoch, evaluation, optimiser and scheduler factories.
+
+No Ray imports: ``fer_ray.train`` wraps these in Ray Train, and benchmarks call them in a bare loop.
+Images stay uint8 on the device until ``Augment``/``Preprocess`` turn each batch into model input.
+Distributed runs pass ``rank``/``world_size``: every rank sees the same seeded permutation and takes its own
+equal-sized slice, so DDP ranks always run the same number of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fer_ray.config import TrainConfig
+
+
+def shard_batches(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                  drop_last: bool = True) -> Iterator[torch.Tensor]:
+    """Index batches of this rank's shard; ``batch_size`` is per rank."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(n)
+    per_rank = n // world_size if drop_last else math.ceil(n / world_size)
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    steps = len(mine) // batch_size if drop_last else math.ceil(len(mine) / batch_size)
+    for i in range(steps):
+        yield mine[i * batch_size:(i + 1) * batch_size]
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """AMP dtype: bf16/fp16 on tensor-core GPUs (compute capability >= 7.0), ``None`` (fp32) elsewhere."""
+    if cfg.amp == "off" or device.type != "cuda":
+        return None
+    if cfg.amp in ("fp16", "bf16"):
+        return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Per-epoch LR scheduler (``step(val_acc)`` for plateau, ``step()`` otherwise), or ``None``."""
+    if cfg.scheduler == "cosine":
+        warm = cfg.warmup_epochs
+
+        def factor(epoch: int) -> float:
+            if epoch < warm:
+                return (epoch + 1) / (warm + 1)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, cfg.epochs - warm)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+    return None
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    preprocess: nn.Module, augment: nn.Module, cfg: TrainConfig, epoch: int, *, rank: int = 0,
+                    world_size: int = 1, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One pass over this rank's shard; returns ``train_loss``, ``train_acc``, ``images``, ``train_time_s``."""
+    model.train()
+    device = images.device
+    amp_dtype = autocast_dtype(cfg, device)
+    per_rank = max(1, cfg.batch_size // world_size)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, t0 = 0, time.perf_counter()
+    for idx in shard_batches(len(images), per_rank, shuffle=True, seed=cfg.seed * 1000 + epoch, rank=rank,
+                             world_size=world_size):
+        idx = idx.to(device, non_blocking=True)
+        x = preprocess(augment(preprocess.to_float(images[idx])))
+        y = labels[idx]
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(idx)
+    stats = _all_reduce(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]),
+                        world_size)
+    return {"train_loss": (stats[0] / stats[2].clamp(min=1)).item(),
+            "train_acc": (stats[1] / stats[2].clamp(min=1)).item(),
+            "images": int(stats[2].item()), "train_time_s": time.perf_counter() - t0}
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, preprocess: nn.Module, batch_size: int = 512,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Float32 logits ``[N, C]`` for uint8 ``images`` in order, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for idx in shard_batches(len(images), batch_size, shuffle=False, drop_last=False):
+        ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            out.append(model(preprocess(images[idx.to(images.device)])).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: nn.Module, cfg: TrainConfig,
+             *, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Loss and accuracy over ``images``; with DDP each rank scores a disjoint slice and results are summed."""
+    n = len(images)
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    logits = predict_logits(model, images[lo:hi], preprocess, cfg.eval_batch_size,
+                            autocast_dtype(cfg, images.device))
+    y = labels[lo:hi]
+    loss = F.cross_entropy(logits, y, reduction="sum") if len(y) else torch.zeros((), device=images.device)
+    correct = (logits.argmax(1) == y).sum().float() if len(y) else torch.zeros((), device=images.device)
+    stats = _all_reduce(torch.stack([loss.float(), correct, torch.tensor(float(len(y)), device=images.device)]),
+                        world_size)
+    return {"val_loss": (stats[0] / stats[2]).item(), "val_acc": (stats[1] / stats[2]).item()}
+
+
+def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t

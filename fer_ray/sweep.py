@@ -1,0 +1,150 @@
+"""The Ray Tune layer: an ASHA sweep where each trial is one TorchTrainer run (the Train V2 pattern).
+
+``run_sweep`` writes the experiment folder ``results/<name>/``::
+
+    sweep.yaml          the resolved sweep config (``--resume`` reads it back)
+    split_roles.json    {"train": "fit", "val": "select", "public_test": "report", ...}
+    data.json           data source, split sizes and class counts
+    tune/               Ray Tune's experiment state (``Tuner.restore`` resumes from it)
+    train/              Ray Train's per-trial run folders
+    trials/<trial_id>/  checkpoints/epoch_NNN.pt + manifest.json, history.json, metrics.parquet
+    trials.parquet      one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint
+
+A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
+``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where ASHA (on ``epoch``) stops trials.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
+from fer_ray.config import SweepConfig, TrainConfig, load_sweep, set_path
+from fer_ray.data import CLASSES
+from fer_ray.flops import count_gmacs, count_params
+from fer_ray.train import build_model, init_ray, make_trainer, prepare_dataset, put_dataset
+
+log = logging.getLogger(__name__)
+
+SPLIT_ROLES = {"train": "fit", "val": "select", "public_test": "report", "private_test": "report"}
+_SAMPLERS = {
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+    "uniform": lambda v: tune.uniform(*v),
+    "loguniform": lambda v: tune.loguniform(*v),
+    "randint": lambda v: tune.randint(v[0], v[1] + 1),
+}
+
+
+def param_space(cfg: SweepConfig) -> dict:
+    """Tune's param_space: the base train config with each search-space path replaced by a Tune domain."""
+    train = cfg.train.to_dict()
+    for key, spec in cfg.search_space.items():
+        sampler, values = next(iter(spec.items()))
+        train = set_path(train, key, _SAMPLERS[sampler](values))
+    return {"train": train}
+
+
+def trial_driver(config: dict, *, data_ref, exp_dir: str, max_failures: int) -> None:
+    """One trial: build the TorchTrainer for this trial's config and fit it."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = TrainConfig.from_dict(config["train"], "train")
+    exp = Path(exp_dir)
+    callbacks = [TuneReportCallback()] if cfg.num_workers > 0 else None
+    make_trainer(cfg, data_ref, exp / "trials" / trial_id, exp / "train", name=f"train_{trial_id}",
+                 callbacks=callbacks, in_tune=True, max_failures=max_failures).fit()
+
+
+def _trainable(cfg: SweepConfig, data_ref, exp_dir: Path):
+    fn = functools.partial(trial_driver, data_ref=data_ref, exp_dir=str(exp_dir.absolute()),
+                           max_failures=cfg.max_failures)
+    fn.__name__ = "trial"  # Tune names trials after the trainable
+    t = cfg.train
+    if t.num_workers == 0:  # local mode: the training loop runs inside the driver
+        resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    else:
+        resources = {"CPU": 0.1}
+    return tune.with_resources(fn, resources)
+
+
+def _write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
+    import yaml
+
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(exp_dir / "sweep.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(exp_dir / "split_roles.json", json.dumps({k: SPLIT_ROLES[k] for k in splits}, indent=1))
+    info = {"source": cfg.data.path or f"synthetic(n={cfg.data.synthetic_n}, seed={cfg.data.synthetic_seed})",
+            "classes": list(CLASSES),
+            "splits": {k: {"n": int(len(v)), "class_counts": np.bincount(data.labels[v], minlength=len(CLASSES)).tolist()}
+                       for k, v in splits.items()}}
+    atomic_write_text(exp_dir / "data.json", json.dumps(info, indent=1))
+
+
+def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_cpus: int | None = None,
+              verbose: int = 1) -> pd.DataFrame:
+    """Run (or resume) the sweep into ``exp_dir`` and return the per-trial summary (``trials.parquet``)."""
+    exp_dir = Path(exp_dir).absolute()
+    data, splits = prepare_dataset(cfg.data)
+    if not resume:
+        _write_setup(cfg, exp_dir, data, splits)
+    init_ray(num_cpus=num_cpus)
+    trainable = _trainable(cfg, put_dataset(data, splits), exp_dir)
+    tune_dir = exp_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True,
+                                   param_space=param_space(cfg))
+    else:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.asha.max_t, grace_period=cfg.asha.grace_period,
+                                  reduction_factor=cfg.asha.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                                        num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                                        search_alg=BasicVariantGenerator(random_state=cfg.seed,
+                                                                         max_concurrent=cfg.max_concurrent_trials)),
+            run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=verbose,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+    tuner.fit()
+    return collect_trials(exp_dir)
+
+
+def collect_trials(exp_dir: Path) -> pd.DataFrame:
+    """Summarise every trial folder into ``trials.parquet`` (+ per-trial ``metrics.parquet``)."""
+    cfg = load_sweep(exp_dir / "sweep.yaml")
+    rows = []
+    for trial_dir in sorted((exp_dir / "trials").glob("*")):
+        history_path = trial_dir / "history.json"
+        if not history_path.is_file():
+            continue
+        history = json.loads(history_path.read_text())
+        hist_df = pd.DataFrame(history)
+        atomic_write_bytes(trial_dir / "metrics.parquet", lambda f, d=hist_df: d.to_parquet(f, index=False))
+        best = max(history, key=lambda h: h["val_acc"])
+        ckpt = trial_dir / "checkpoints" / f"epoch_{best['epoch']:03d}.pt"
+        train_cfg = load_checkpoint(ckpt)["config"]
+        tc = TrainConfig.from_dict(train_cfg, "train")
+        model = build_model(tc.replace(pretrained=False))
+        rows.append({
+            "trial_id": trial_dir.name, "arch": tc.model, "img_size": model.fer_cfg["img_size"],
+            "in_chans": model.fer_cfg["in_chans"], "params": count_params(model), "gmacs": count_gmacs(model),
+            "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs_run": len(history),
+            "stopped_early": len(history) < min(tc.epochs, cfg.asha.max_t), "checkpoint": str(ckpt),
+            "config": json.dumps(train_cfg, sort_keys=True),
+        })
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values("best_val_acc", ascending=False).reset_index(drop=True)
+    atomic_write_bytes(exp_dir / "trials.parquet", lambda f: df.to_parquet(f, index=False))
+    return df
+

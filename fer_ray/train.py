@@ -1,0 +1,163 @@
+"""The Ray Train layer: ``train_loop_per_worker`` (DDP on gloo/nccl) and ``fit`` (one TorchTrainer run).
+
+The dataset lives once in Ray's object store (``put_dataset``); every worker of every trial reads the same
+object. Each epoch every rank reports train/val metrics; rank 0 first writes a self-describing checkpoint
+into the run's trial directory, so a restarted worker group or a retried trial resumes from its last epoch.
+Single-worker runs may use Ray Train's local mode (``num_workers=0``: the loop runs in-process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from fer_ray import engine
+from fer_ray.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fer_ray.config import DataConfig, TrainConfig
+from fer_ray.data import FERData, load_data, split_indices
+from fer_ray.data.augment import Augment, Preprocess
+from fer_ray.models import create_model
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set (a cluster, ``ray job submit``), else start a local Ray on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+    # The Train placement-group cleaner and later clients look the cluster up through RAY_ADDRESS.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def prepare_dataset(data_cfg: DataConfig) -> tuple[FERData, dict[str, np.ndarray]]:
+    """Load (or draw) the dataset once and carve the run splits."""
+    data = load_data(data_cfg)
+    return data, split_indices(data, data_cfg.val_fraction, data_cfg.split_seed)
+
+
+def put_dataset(data: FERData, splits: dict[str, np.ndarray]) -> ray.ObjectRef:
+    """One object-store copy of the arrays and split indices, shared zero-copy by all trials and workers."""
+    return ray.put({**data.to_arrays(), "splits": splits})
+
+
+def _device_tensors(arrays: dict, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = arrays["splits"][split]
+    images = torch.from_numpy(np.ascontiguousarray(arrays["images"][idx])).to(device)
+    labels = torch.from_numpy(arrays["labels"][idx].astype(np.int64)).to(device)
+    return images, labels
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    return create_model(cfg.model, num_classes=7, in_chans=cfg.in_chans, img_size=cfg.img_size,
+                        drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or None, **cfg.model_kwargs)
+
+
+def _report(metrics: dict, in_tune_local: bool) -> None:
+    if in_tune_local:
+        from ray import tune
+
+        tune.report(metrics)
+    else:
+        ray.train.report(metrics)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry point. ``config``: ``train`` (TrainConfig dict), ``data_ref``, ``trial_dir``."""
+    cfg = TrainConfig.from_dict(config["train"], "train")
+    arrays = ray.get(config["data_ref"]) if isinstance(config["data_ref"], ray.ObjectRef) else config["data_ref"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local = cfg.num_workers == 0
+    device = ray.train.torch.get_device() if not local else torch.device("cuda" if cfg.use_gpu else "cpu")
+    if device.type == "cpu" and local:
+        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg)
+    fer_cfg = model.fer_cfg
+    preprocess, augment = Preprocess.for_model(fer_cfg).to(device), Augment(cfg.augment).to(device)
+    model = model.to(device, memory_format=torch.channels_last)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    optimizer = engine.build_optimizer(cfg, model.parameters())
+    scheduler = engine.build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler() if engine.autocast_dtype(cfg, device) == torch.float16 else None
+
+    ckpt_dir = Path(config["trial_dir"]) / "checkpoints"
+    start, history = _resume(ckpt_dir, model, optimizer, scheduler)
+    train_x, train_y = _device_tensors(arrays, "train", device)
+    val_x, val_y = _device_tensors(arrays, "val", device)
+    run_config = dict(cfg.to_dict(), img_size=fer_cfg["img_size"], in_chans=fer_cfg["in_chans"])
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        metrics = engine.train_one_epoch(model, train_x, train_y, optimizer, preprocess, augment, cfg, epoch,
+                                         rank=rank, world_size=world, scaler=scaler)
+        metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
+        metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
+                    "img_size": fer_cfg["img_size"], "world_size": world}
+        if scheduler is not None:
+            scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else scheduler.step()
+        history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        best = max(history, key=lambda h: h["val_acc"])
+        metrics |= {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"]}
+        ckpt_path = ckpt_dir / f"epoch_{epoch + 1:03d}.pt"
+        if rank == 0:
+            save_checkpoint(ckpt_dir, epoch + 1, model, run_config, {"history": history, **history[-1]},
+                            optimizer.state_dict(), scheduler.state_dict() if scheduler else None,
+                            keep={best["epoch"], epoch + 1})
+            _write_json(Path(config["trial_dir"]) / "history.json", history)
+        metrics["checkpoint"] = str(ckpt_dir / f"epoch_{best['epoch']:03d}.pt")
+        metrics["last_checkpoint"] = str(ckpt_path)
+        _report(metrics, in_tune_local=local and config.get("in_tune", False))
+
+
+def _resume(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return 0, []
+    ckpt = load_checkpoint(path)
+    module = model.module if hasattr(model, "module") else model
+    module.load_state_dict(ckpt["state_dict"])
+    if ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    log.warning("resuming from %s (epoch %d)", path, ckpt["epoch"])
+    return ckpt["epoch"], list(ckpt["metrics"].get("history", []))
+
+
+def _write_json(path: Path, obj) -> None:
+    from fer_ray.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def make_trainer(cfg: TrainConfig, data_ref, trial_dir: str | Path, storage_path: str | Path, name: str,
+                 callbacks: list | None = None, in_tune: bool = False, max_failures: int = 1):
+    """A TorchTrainer for one run; ``cfg.num_workers == 0`` selects Ray Train's in-process local mode."""
+    scaling = ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu
+                                                                                          else {})})
+    run = ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).absolute()),
+                              callbacks=callbacks or None,
+                              failure_config=ray.train.FailureConfig(max_failures=max_failures))
+    loop_config = {"train": cfg.to_dict(), "data_ref": data_ref, "trial_dir": str(Path(trial_dir).absolute()),
+                   "in_tune": in_tune}
+    return ray.train.torch.TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                                        run_config=run)

@@ -1,0 +1,135 @@
+"""Test-time augmentation: named views, batched multi-view inference and filling the logit store.
+
+A view is a deterministic transform of the float ``[B, 1, 48, 48]`` batch, named in a policy list:
+``identity``, ``hflip``, ``rot<deg>`` (``rot10``, ``rot-10``), ``shift<dx>,<dy>`` (px), ``scale<s>``
+(``scale1.1``), and ``+`` combinations (``hflip+rot10``). All views of a batch are stacked and go through the
+model as one forward pass. ``fill_store`` scores each trial's best checkpoint once per (split, policy) and
+writes ``logits/<trial_id>/<split>.parquet``; existing files with the same checkpoint sha256 and views are
+reused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import kornia.geometry.transform as KT
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from fer_ray.checkpoint import load_checkpoint, model_from_checkpoint, sha256_file
+from fer_ray.data import FERData
+from fer_ray.data.augment import Preprocess
+from fer_ray.store import write_logits
+
+_VIEW_RE = re.compile(r"^(identity|hflip|rot(-?\d+(?:\.\d+)?)|shift(-?\d+),(-?\d+)|scale(\d+(?:\.\d+)?))$")
+
+
+def _affine(x: torch.Tensor, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0),
+            scale: float = 1.0) -> torch.Tensor:
+    b, _, h, w = x.shape
+    center = torch.tensor([[(w - 1) / 2, (h - 1) / 2]], device=x.device).expand(b, 2)
+    mat = KT.get_rotation_matrix2d(center, torch.full((b,), angle, device=x.device),
+                                   torch.full((b, 2), scale, device=x.device))
+    mat[:, 0, 2] += shift[0]
+    mat[:, 1, 2] += shift[1]
+    return KT.warp_affine(x, mat, (h, w), padding_mode="border")
+
+
+def parse_view(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The transform for one view name; unknown names raise ``ValueError`` naming the view."""
+    steps = []
+    for part in name.split("+"):
+        m = _VIEW_RE.match(part.strip())
+        if not m:
+            raise ValueError(f"unknown TTA view {name!r} (part {part!r}); use identity, hflip, rot<deg>, "
+                             "shift<dx>,<dy>, scale<s> or +-combinations")
+        if m.group(1) == "hflip":
+            steps.append(lambda x: torch.flip(x, dims=[-1]))
+        elif m.group(2) is not None:
+            steps.append(lambda x, a=float(m.group(2)): _affine(x, angle=a))
+        elif m.group(3) is not None:
+            steps.append(lambda x, s=(float(m.group(3)), float(m.group(4))): _affine(x, shift=s))
+        elif m.group(5) is not None:
+            steps.append(lambda x, s=float(m.group(5)): _affine(x, scale=s))
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
+
+
+@torch.inference_mode()
+def tta_logits(model: nn.Module, images: torch.Tensor, views: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Float32 logits ``[V, N, C]``: each batch's V views are stacked and scored in one forward pass."""
+    model.eval()
+    preprocess = Preprocess.for_model(model.fer_cfg).to(images.device)
+    fns = [parse_view(v) for v in views]
+    per = max(1, batch_size // len(views))
+    out = []
+    for lo in range(0, len(images), per):
+        x = preprocess.to_float(images[lo:lo + per])
+        stacked = torch.cat([fn(x) for fn in fns])
+        logits = model(preprocess(stacked)).float()
+        out.append(logits.view(len(views), len(x), -1))
+    return torch.cat(out, dim=1) if out else torch.empty(len(views), 0, 0)
+
+
+@torch.inference_mode()
+def tta_logits_loop(model: nn.Module, images: torch.Tensor, views: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Reference implementation: one pass over the data per view (the baseline batched TTA is checked against)."""
+    model.eval()
+    preprocess = Preprocess.for_model(model.fer_cfg).to(images.device)
+    res = []
+    for view in views:
+        fn = parse_view(view)
+        res.append(torch.cat([model(preprocess(fn(preprocess.to_float(images[lo:lo + batch_size])))).float()
+                              for lo in range(0, len(images), batch_size)]))
+    return torch.stack(res)
+
+
+def fill_store(exp_dir: str | Path, data: FERData, splits: dict[str, np.ndarray], views: Sequence[str],
+               roles: dict[str, str], trials: pd.DataFrame | None = None, progress: bool = True) -> list[Path]:
+    """Write TTA logits of each trial's best checkpoint for every split in ``roles`` (skipping ``fit`` splits)."""
+    exp_dir = Path(exp_dir)
+    trials = pd.read_parquet(exp_dir / "trials.parquet") if trials is None else trials
+    written = []
+    for i, row in enumerate(trials.itertuples(), 1):
+        ckpt_path = Path(row.checkpoint)
+        sha = sha256_file(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
+        model = model_from_checkpoint(ckpt)
+        for split, role in roles.items():
+            if role == "fit" or split not in splits:
+                continue
+            out = exp_dir / "logits" / row.trial_id / f"{split}.parquet"
+            if _is_current(out, sha, views):
+                written.append(out)
+                continue
+            idx = splits[split]
+            images = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
+            logits = tta_logits(model, images, views).numpy()
+            meta = {"member": row.trial_id, "arch": row.arch, "img_size": int(row.img_size),
+                    "in_chans": int(row.in_chans), "params": int(row.params), "gmacs_per_view": float(row.gmacs),
+                    "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, "epoch": int(ckpt["epoch"]),
+                    "split": split, "role": role, "views": list(views), "config": json.loads(row.config)}
+            written.append(write_logits(out, logits, data.labels[idx], data.ids[idx].astype(str), list(views), meta))
+        if progress:
+            print(f"[tta] {i}/{len(trials)} {row.trial_id} ({row.arch} @ {row.img_size}px): "
+                  f"{len(views)} views × {', '.join(s for s, r in roles.items() if r != 'fit')}", flush=True)
+    return written
+
+
+def _is_current(path: Path, sha: str, views: Sequence[str]) -> bool:
+    if not path.is_file():
+        return False
+    meta = json.loads(pq.read_schema(path).metadata.get(b"fer_ray", b"{}"))
+    return meta.get("checkpoint_sha256") == sha and list(meta.get("views", [])) == list(views)
+

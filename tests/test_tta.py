@@ -1,0 +1,33 @@
+"""TTA: view parsing, and the batched multi-view forward equals the per-view loop."""
+
+import pytest
+import torch
+
+from fer_ray.models import create_model
+from fer_ray.tta import parse_view, tta_logits, tta_logits_loop
+
+VIEWS = ["identity", "hflip", "rot10", "rot-10", "shift2,-2", "scale1.1", "hflip+rot5", "hflip+shift-2,0"]
+
+
+def test_batched_tta_equals_per_view_loop():
+    torch.manual_seed(0)
+    model = create_model("basic_cnn", img_size=40).eval()
+    images = torch.randint(0, 256, (37, 48, 48), dtype=torch.uint8)
+    batched = tta_logits(model, images, VIEWS, batch_size=64)
+    looped = tta_logits_loop(model, images, VIEWS, batch_size=16)
+    assert batched.shape == (len(VIEWS), 37, 7)
+    assert torch.allclose(batched, looped, atol=1e-4)
+
+
+def test_views_do_what_they_say():
+    x = torch.rand(2, 1, 48, 48)
+    assert torch.equal(parse_view("identity")(x), x)
+    assert torch.equal(parse_view("hflip")(x), x.flip(-1))
+    assert torch.allclose(parse_view("rot0")(x), x, atol=1e-5)
+    shifted = parse_view("shift3,0")(x)
+    assert torch.allclose(shifted[..., 10:40], x[..., 7:37], atol=1e-5)
+
+
+def test_unknown_view_is_named():
+    with pytest.raises(ValueError, match="unknown TTA view 'hflip\\+spin'"):
+        parse_view("hflip+spin")
