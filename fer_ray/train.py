@@ -80,9 +80,12 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point. ``config``: ``train`` (TrainConfig dict), ``data_ref``, ``trial_dir``."""
     cfg = TrainConfig.from_dict(config["train"], "train")
     arrays = ray.get(config["data_ref"]) if isinstance(config["data_ref"], ray.ObjectRef) else config["data_ref"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     local = cfg.num_workers == 0
+    if local:  # in-process: ray.train's context API is unavailable inside a Tune trial
+        rank, world = 0, 1
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if not local else torch.device("cuda" if cfg.use_gpu else "cpu")
     if device.type == "cpu" and local:
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
