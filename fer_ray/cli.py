@@ -41,6 +41,8 @@ def _apply_overrides(cfg: SweepConfig, args) -> SweepConfig:
     if args.data:
         data["path"] = args.data
     raw = cfg.to_dict() | {"train": train, "data": data}
+    if getattr(args, "wandb", False):
+        raw["wandb"] = True
     if args.name:
         raw["name"] = args.name
     return SweepConfig.from_dict(raw, "sweep")
@@ -55,8 +57,6 @@ def cmd_sweep(args) -> None:
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
         exp_dir = Path(args.out) / cfg.name
-    if args.wandb:
-        os.environ["FER_RAY_WANDB"] = "1"
     run_all(cfg, exp_dir, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
 
 

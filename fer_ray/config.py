@@ -207,6 +207,9 @@ class SweepConfig(_Config):
     """Tune retries per trial (a retried trial resumes from its last epoch checkpoint)."""
     tta_views: list = field(default_factory=lambda: ["identity", "hflip"])
     ensemble_top_k: int = 3
+    wandb: bool = False
+    """Log trials and the leaderboard to Weights & Biases (offline mode without an API key)."""
+    wandb_project: str = "fer_ray"
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "num_samples", "must be >= 1")

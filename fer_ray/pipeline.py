@@ -16,6 +16,7 @@ from fer_ray.config import SweepConfig, load_sweep
 from fer_ray.ensemble import EnsembleSpec, run_ensemble
 from fer_ray.report import format_table, write_report
 from fer_ray.sweep import run_sweep
+from fer_ray.tracking import log_summary
 from fer_ray.train import prepare_dataset
 from fer_ray.tta import fill_store
 
@@ -53,5 +54,6 @@ def run_all(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_cpu
     ensemble_stage(exp_dir, min(cfg.ensemble_top_k, len(trials)))
     board = report_stage(exp_dir)
     print(format_table(board), flush=True)
+    log_summary(cfg.wandb, cfg.wandb_project, exp_dir, trials, board)
     print(f"[done] {time.perf_counter() - t0:.0f}s total; report: {exp_dir / 'report'}", flush=True)
     return board

@@ -31,6 +31,7 @@ from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text, load_check
 from fer_ray.config import SweepConfig, TrainConfig, load_sweep, set_path
 from fer_ray.data import CLASSES
 from fer_ray.flops import count_gmacs, count_params
+from fer_ray.tracking import tune_callbacks
 from fer_ray.train import build_model, init_ray, make_trainer, prepare_dataset, put_dataset
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_c
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                                          max_concurrent=cfg.max_concurrent_trials)),
             run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=verbose,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      callbacks=tune_callbacks(cfg.wandb, cfg.wandb_project, exp_dir)))
     tuner.fit()
     return collect_trials(exp_dir)
 

@@ -25,6 +25,7 @@ from fer_ray.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from fer_ray.config import DataConfig, TrainConfig
 from fer_ray.data import FERData, load_data, split_indices
 from fer_ray.data.augment import Augment, Preprocess
+from fer_ray.gpu import preflight
 from fer_ray.models import create_model
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if not local else torch.device("cuda" if cfg.use_gpu else "cpu")
+    preflight(device)
     if device.type == "cpu" and local:
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
@@ -106,6 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_x, train_y = _device_tensors(arrays, "train", device)
     val_x, val_y = _device_tensors(arrays, "val", device)
     run_config = dict(cfg.to_dict(), img_size=fer_cfg["img_size"], in_chans=fer_cfg["in_chans"])
+    startup_s = time.time() - config.get("t_start", time.time())  # trial/run start → first batch
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -113,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
                                          rank=rank, world_size=world, scaler=scaler)
         metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
-                    "img_size": fer_cfg["img_size"], "world_size": world}
+                    "img_size": fer_cfg["img_size"], "world_size": world, "startup_s": startup_s}
         if scheduler is not None:
             scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else scheduler.step()
         history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
@@ -125,9 +128,21 @@ def train_loop_per_worker(config: dict) -> None:
                             optimizer.state_dict(), scheduler.state_dict() if scheduler else None,
                             keep={best["epoch"], epoch + 1})
             _write_json(Path(config["trial_dir"]) / "history.json", history)
+        _maybe_fail(config, epoch + 1, rank)
         metrics["checkpoint"] = str(ckpt_dir / f"epoch_{best['epoch']:03d}.pt")
         metrics["last_checkpoint"] = str(ckpt_path)
         _report(metrics, in_tune_local=local and config.get("in_tune", False))
+
+
+def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
+    """Fault injection for the fault-tolerance tests: ``config["fail_after_epoch"] = N`` kills rank 0's process
+    once, right after epoch N's checkpoint is written (a marker file makes the retry run through)."""
+    if rank != 0 or config.get("fail_after_epoch") != epoch:
+        return
+    marker = Path(config["trial_dir"]) / f".failed_after_{epoch}"
+    if not marker.exists():
+        marker.touch()
+        os._exit(1)
 
 
 def _resume(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
@@ -161,6 +176,6 @@ def make_trainer(cfg: TrainConfig, data_ref, trial_dir: str | Path, storage_path
                               callbacks=callbacks or None,
                               failure_config=ray.train.FailureConfig(max_failures=max_failures))
     loop_config = {"train": cfg.to_dict(), "data_ref": data_ref, "trial_dir": str(Path(trial_dir).absolute()),
-                   "in_tune": in_tune}
+                   "in_tune": in_tune, "t_start": time.time()}
     return ray.train.torch.TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                                         run_config=run)

@@ -1,0 +1,67 @@
+"""Faults lose no finished work: a worker killed mid-run resumes from its last epoch checkpoint (Ray Train
+FailureConfig), and an interrupted sweep driver resumes without re-running finished trials."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fer_ray.config import TrainConfig
+from fer_ray.data import FERData, split_indices
+from fer_ray.data.synthetic import generate
+from fer_ray.train import make_trainer, put_dataset
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session):
+    data: FERData = generate(300, seed=1)
+    ref = put_dataset(data, split_indices(data, 0.2, 0))
+    cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=3, batch_size=32, num_workers=2, cpus_per_worker=0.9)
+    trainer = make_trainer(cfg, ref, tmp_path / "trial", tmp_path / "train", name="faulty", max_failures=1)
+    trainer.train_loop_config["fail_after_epoch"] = 2
+    trainer.fit()
+    assert (tmp_path / "trial" / ".failed_after_2").exists(), "the worker was killed after epoch 2"
+    history = json.loads((tmp_path / "trial" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3], "epochs 1-2 were not re-run after the kill"
+
+
+def _sweep_cmd(*args):
+    return [sys.executable, "-m", "fer_ray.cli", "sweep", *args, "--sweep-only", "--num-cpus", "2"]
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""
+name: resume
+data: {{synthetic_n: 300, val_fraction: 0.2, cache_dir: {tmp_path / 'cache'}}}
+train: {{model: basic_cnn, img_size: 32, epochs: 2, batch_size: 32, num_workers: 0, cpus_per_worker: 1}}
+search_space: {{lr: {{grid: [0.001, 0.002, 0.003]}}}}
+num_samples: 1
+asha: {{max_t: 2, grace_period: 2}}
+""")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    exp = tmp_path / "out" / "resume"
+    proc = subprocess.Popen(_sweep_cmd(str(cfg), "--out", str(tmp_path / "out")), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((exp / "trials").glob("*/history.json"))) < 2:
+        time.sleep(0.5)
+    assert len(list((exp / "trials").glob("*/history.json"))) >= 1
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    first = {p.parent.name: p.stat().st_mtime_ns for p in (exp / "trials").glob("*/checkpoints/manifest.json")
+             if len(json.loads((p.parent.parent / "history.json").read_text())) == 2}
+    subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 3 and (trials.epochs_run == 2).all()
+    for trial_id, mtime in first.items():  # finished before the interrupt: untouched by the resume
+        assert (exp / "trials" / trial_id / "checkpoints" / "manifest.json").stat().st_mtime_ns == mtime
