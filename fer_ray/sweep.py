@@ -87,7 +87,8 @@ def _write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
     atomic_write_text(exp_dir / "split_roles.json", json.dumps({k: SPLIT_ROLES[k] for k in splits}, indent=1))
     info = {"source": cfg.data.path or f"synthetic(n={cfg.data.synthetic_n}, seed={cfg.data.synthetic_seed})",
             "classes": list(CLASSES),
-            "splits": {k: {"n": int(len(v)), "class_counts": np.bincount(data.labels[v], minlength=len(CLASSES)).tolist()}
+            "splits": {k: {"n": int(len(v)),
+                           "class_counts": np.bincount(data.labels[v], minlength=len(CLASSES)).tolist()}
                        for k, v in splits.items()}}
     atomic_write_text(exp_dir / "data.json", json.dumps(info, indent=1))
 

@@ -10,6 +10,7 @@ reused.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -50,13 +51,13 @@ def parse_view(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
             raise ValueError(f"unknown TTA view {name!r} (part {part!r}); use identity, hflip, rot<deg>, "
                              "shift<dx>,<dy>, scale<s> or +-combinations")
         if m.group(1) == "hflip":
-            steps.append(lambda x: torch.flip(x, dims=[-1]))
+            steps.append(functools.partial(torch.flip, dims=[-1]))
         elif m.group(2) is not None:
-            steps.append(lambda x, a=float(m.group(2)): _affine(x, angle=a))
+            steps.append(functools.partial(_affine, angle=float(m.group(2))))
         elif m.group(3) is not None:
-            steps.append(lambda x, s=(float(m.group(3)), float(m.group(4))): _affine(x, shift=s))
+            steps.append(functools.partial(_affine, shift=(float(m.group(3)), float(m.group(4)))))
         elif m.group(5) is not None:
-            steps.append(lambda x, s=float(m.group(5)): _affine(x, scale=s))
+            steps.append(functools.partial(_affine, scale=float(m.group(5))))
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         for step in steps:
@@ -83,7 +84,8 @@ def tta_logits(model: nn.Module, images: torch.Tensor, views: Sequence[str], bat
 
 
 @torch.inference_mode()
-def tta_logits_loop(model: nn.Module, images: torch.Tensor, views: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def tta_logits_loop(model: nn.Module, images: torch.Tensor, views: Sequence[str],
+                    batch_size: int = 256) -> torch.Tensor:
     """Reference implementation: one pass over the data per view (the baseline batched TTA is checked against)."""
     model.eval()
     preprocess = Preprocess.for_model(model.fer_cfg).to(images.device)

@@ -57,8 +57,9 @@ asha: {{max_t: 2, grace_period: 2}}
     assert len(list((exp / "trials").glob("*/history.json"))) >= 1
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    first = {p.parent.name: p.stat().st_mtime_ns for p in (exp / "trials").glob("*/checkpoints/manifest.json")
+    first = {p.parent.parent.name: p.stat().st_mtime_ns for p in (exp / "trials").glob("*/checkpoints/manifest.json")
              if len(json.loads((p.parent.parent / "history.json").read_text())) == 2}
+    assert first, "at least one trial finished before the interrupt"
     subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = pd.read_parquet(exp / "trials.parquet")

@@ -1,0 +1,181 @@
+"""Leaderboard and report: every number recomputed from the logit store, written as CSV, Markdown and HTML.
+
+``leaderboard`` has one row per model (each trial's TTA views averaged) and per ensemble, with fixed
+columns (see ``COLUMNS``). Efficiency is report-split accuracy in % per total GFLOPs, where GFLOPs =
+2 × GMACs (fvcore counts a multiply-add once). ``write_report`` adds a self-contained HTML page with plots:
+accuracy vs GMACs with the Pareto front, confusion matrices, per-class recall, and ASHA's trial curves.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text
+from fer_ray.data import CLASSES
+from fer_ray.ensemble import member_logits
+from fer_ray.metrics import classification_metrics
+from fer_ray.store import load_store
+
+COLUMNS = ["name", "kind", "members", "arch", "img_size", "tta_views", "params", "gmacs", "total_gmacs"]
+SPLIT_ORDER = ["val", "public_test", "private_test"]
+
+
+def _roles(exp: Path) -> dict[str, str]:
+    return json.loads((exp / "split_roles.json").read_text())
+
+
+def _report_split(roles: dict[str, str]) -> str | None:
+    return next((s for s in SPLIT_ORDER if roles.get(s) == "report"), None)
+
+
+def leaderboard(results_dir: str | Path) -> pd.DataFrame:
+    """One row per stored model and ensemble, metrics per split, sorted by selection-split accuracy."""
+    exp = Path(results_dir)
+    roles = _roles(exp)
+    select = next(s for s, r in roles.items() if r == "select")
+    trials = pd.read_parquet(exp / "trials.parquet").set_index("trial_id")
+    store = load_store(exp)
+    rows = []
+    for member, per_split in store.items():
+        any_set = next(iter(per_split.values()))
+        if member.startswith("ensemble:"):
+            info = json.loads((exp / "ensembles" / f"{member.split(':', 1)[1]}.json").read_text())
+            t = trials.loc[info["members"]]
+            row = {"name": info["name"], "kind": "ensemble", "members": " ".join(info["members"]),
+                   "arch": "+".join(sorted(set(t.arch))), "img_size": "/".join(str(s) for s in sorted(set(t.img_size))),
+                   "tta_views": len(info["views"]), "params": int(t.params.sum()), "gmacs": float(t.gmacs.sum()),
+                   "total_gmacs": info["total_gmacs"]}
+        else:
+            t = trials.loc[member]
+            row = {"name": member, "kind": "model", "members": member, "arch": t.arch, "img_size": str(t.img_size),
+                   "tta_views": len(any_set.views), "params": int(t.params), "gmacs": float(t.gmacs),
+                   "total_gmacs": float(t.gmacs) * len(any_set.views)}
+        for split in SPLIT_ORDER:
+            if split in per_split:
+                m = classification_metrics(member_logits(per_split[split], None), per_split[split].labels)
+                row |= {f"acc_{split}": m["accuracy"], f"macro_f1_{split}": m["macro_f1"], f"nll_{split}": m["nll"],
+                        f"ece_{split}": m["ece"]}
+        rep = _report_split(roles)
+        row["efficiency"] = 100 * row.get(f"acc_{rep}", np.nan) / (2 * row["total_gmacs"]) if rep else np.nan
+        row["selected_on"] = select
+        rows.append(row)
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return board
+    return board.sort_values(f"acc_{select}", ascending=False).reset_index(drop=True)
+
+
+def format_table(board: pd.DataFrame) -> str:
+    """Compact terminal table."""
+    if board.empty:
+        return "(empty leaderboard)"
+    cols = ["name", "kind", "arch", "img_size", "tta_views", "params", "total_gmacs"]
+    cols += [c for c in board.columns if c.startswith("acc_") or c.startswith("macro_f1_public")] + ["efficiency"]
+    view = board[cols].copy()
+    view["params"] = (view["params"] / 1e6).map("{:.2f}M".format)
+    view["arch"] = view["arch"].str.slice(0, 40)
+    return view.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pareto(points: np.ndarray) -> np.ndarray:
+    """Indices of (cost, accuracy) points not dominated by a cheaper-or-equal, at-least-as-accurate point."""
+    order = np.lexsort((-points[:, 1], points[:, 0]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i, 1] > best:
+            front.append(i)
+            best = points[i, 1]
+    return np.array(front, dtype=int)
+
+
+def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    select, report = next(s for s, r in roles.items() if r == "select"), _report_split(roles)
+    figs = {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind, marker in (("model", "o"), ("ensemble", "*")):
+        sub = board[board.kind == kind]
+        ax.scatter(sub.total_gmacs, sub[f"acc_{select}"], marker=marker, s=60 if kind == "model" else 160,
+                   label=f"{kind} ({select})")
+        if report:
+            ax.scatter(sub.total_gmacs, sub[f"acc_{report}"], marker=marker, facecolors="none", edgecolors="grey",
+                       s=60 if kind == "model" else 160, label=f"{kind} ({report})")
+    pts = board[["total_gmacs", f"acc_{select}"]].to_numpy(dtype=float)
+    front = pts[_pareto(pts)]
+    ax.step(front[:, 0], front[:, 1], where="post", color="C3", lw=1, label=f"Pareto front ({select})")
+    ax.set_xscale("log")
+    ax.set(xlabel="total GMACs per image (log)", ylabel="accuracy", title="Accuracy vs compute")
+    ax.legend(fontsize=7)
+    figs["Accuracy vs GMACs"] = _png(fig)
+    plt.close(fig)
+
+    if report:
+        best = board.iloc[0]
+        ls = load_store(exp, [report])[("ensemble:" + best["name"]) if best.kind == "ensemble" else best["name"]]
+        m = classification_metrics(member_logits(ls[report], None), ls[report].labels)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        cm = np.array(m["confusion"], dtype=float)
+        cm = cm / cm.sum(1, keepdims=True).clip(min=1)
+        a1.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+        a1.set(xticks=range(7), yticks=range(7), xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted",
+               ylabel="true", title=f"{best['name']} on {report} (row-normalised)")
+        a1.tick_params(axis="x", rotation=45)
+        for i in range(7):
+            for j in range(7):
+                a1.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        a2.bar(CLASSES, m["per_class_recall"])
+        a2.set(ylim=(0, 1), title=f"per-class recall ({report})")
+        a2.tick_params(axis="x", rotation=45)
+        figs["Best entry: confusion and recall"] = _png(fig)
+        plt.close(fig)
+
+    trials = pd.read_parquet(exp / "trials.parquet")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in trials.itertuples():
+        path = exp / "trials" / row.trial_id / "metrics.parquet"
+        if path.is_file():
+            h = pd.read_parquet(path)
+            ax.plot(h.epoch, h.val_acc, marker="o", color="lightgrey" if row.stopped_early else None,
+                    label=None if row.stopped_early else f"{row.trial_id} {row.arch}@{row.img_size}")
+    ax.set(xlabel="epoch", ylabel=f"{select} accuracy", title="ASHA trial curves (grey: stopped early)")
+    ax.legend(fontsize=6)
+    figs["Trial curves"] = _png(fig)
+    plt.close(fig)
+    return figs
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``leaderboard.csv``, ``leaderboard.md`` and a self-contained ``report.html``; return their paths."""
+    exp, out = Path(results_dir), Path(out_dir)
+    roles = _roles(exp)
+    board = leaderboard(exp)
+    role_line = "Split roles: " + ", ".join(f"{s} = {r}" for s, r in roles.items())
+    paths = {"csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "html": out / "report.html"}
+    atomic_write_bytes(paths["csv"], lambda f: board.to_csv(f, index=False))
+    atomic_write_text(paths["md"], f"{role_line}\n\n" + board.to_markdown(index=False, floatfmt=".4f") + "\n")
+    figs = _plots(exp, board, roles) if not board.empty else {}
+    html = ["<!doctype html><html><head><meta charset='utf-8'><title>fer_ray report</title>",
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>",
+            f"<h1>fer_ray report: {exp.name}</h1><p><b>{role_line}</b>. Selection and ensemble fitting used only the "
+            "select split. Efficiency = report accuracy % / (2 × total GMACs).</p>",
+            board.to_html(index=False, float_format=lambda x: f"{x:.4f}")]
+    html += [f"<h2>{title}</h2><img src='{uri}'/>" for title, uri in figs.items()]
+    atomic_write_text(paths["html"], "\n".join(html) + "</body></html>\n")
+    return paths
