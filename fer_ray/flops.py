@@ -1,26 +1,81 @@
-"""Params and FLOPs of a model at its input size, counted once by fvcore (reported as GMACs)."""
+"""Parameter counts and compute (GMACs, counted by fvcore) of a model at its input size.
+
+fvcore counts one multiply-add as one "flop", so its totals are MACs: every number here is GMACs (multiply by 2
+for FLOPs). ``F.scaled_dot_product_attention``, which fvcore does not know, is counted as its two matmuls.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore.nn applies the deprecated torch.jit.script at import
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 
 def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
 
 
+def _sdpa_macs(inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+    """MACs of ``aten::scaled_dot_product_attention``: ``q @ kᵀ`` and ``attn @ v``."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch, length, depth = prod(q[:-2]), q[-2], q[-1]
+    return batch * length * k[-2] * (depth + v[-1])
+
+
 def count_gmacs(model: nn.Module, in_chans: int | None = None, img_size: int | None = None) -> float:
-    """GMACs of one forward pass at ``(1, C, S, S)``; fvcore counts one multiply-add as one "flop"."""
+    """GMACs of one forward pass of one image ``(1, C, S, S)``, counted by fvcore in eval mode.
+
+    fvcore counts one multiply-add as one flop, so the result is GMACs (not GFLOPs). The model's train/eval mode
+    is restored afterwards.
+
+    Args:
+        model: The model; ``model.fer_cfg`` (set by ``create_model``) gives the default channels and size.
+        in_chans: Input channels (default: ``fer_cfg["in_chans"]``, else 1).
+        img_size: Input height and width (default: ``fer_cfg["img_size"]``, else 48).
+
+    Returns:
+        Multiply-adds of one forward pass, in billions.
+    """
     cfg = getattr(model, "fer_cfg", {})
     c, s = in_chans or cfg.get("in_chans", 1), img_size or cfg.get("img_size", 48)
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, c, s, s, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None else None)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            fca = FlopCountAnalysis(model, torch.zeros(1, c, s, s))
+            fca = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             return fca.total() / 1e9
     finally:
         model.train(was_training)
+
+
+def model_profile(name: str, img_size: int | None = None, **kwargs) -> dict:
+    """Build ``name`` (pretrained=False) and report its size and compute.
+
+    Args:
+        name: A registered model or ``timm/<name>``.
+        img_size: Input size (default: the model's).
+        **kwargs: Passed to ``create_model`` (e.g. ``in_chans``).
+
+    Returns:
+        ``{"arch", "img_size", "in_chans", "params", "gmacs"}`` (GMACs as counted by fvcore).
+    """
+    from fer_ray.models import create_model
+
+    model = create_model(name, img_size=img_size, **kwargs)
+    cfg = model.fer_cfg
+    return {"arch": name, "img_size": cfg["img_size"], "in_chans": cfg["in_chans"], "params": count_params(model),
+            "gmacs": count_gmacs(model)}

@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries when offline
 
 
 @pytest.fixture(scope="session")
