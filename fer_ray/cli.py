@@ -70,9 +70,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    import ray.train
-
-    from fer_ray.sweep import collect_trials
+    from fer_ray.sweep import collect_trials, write_setup
     from fer_ray.train import init_ray, make_trainer, prepare_dataset, put_dataset
 
     raw = load_yaml(args.config) if args.config else {}
@@ -84,17 +82,12 @@ def cmd_train(args) -> None:
                                  "asha": {"max_t": train.get("epochs", TrainConfig().epochs)}}, "train")
     exp_dir = (Path(args.out) / cfg.name).absolute()
     data_obj, splits = prepare_dataset(cfg.data)
-    from fer_ray.sweep import _write_setup
-
-    _write_setup(cfg, exp_dir, data_obj, splits)
+    write_setup(cfg, exp_dir, data_obj, splits)
     init_ray(num_cpus=args.num_cpus)
     run_id = time.strftime("run_%Y%m%d_%H%M%S")
-    trainer = make_trainer(cfg.train, put_dataset(data_obj, splits), exp_dir / "trials" / run_id, exp_dir / "train",
-                           name=run_id)
-    result = trainer.fit()
-    print(json.dumps({k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)}, default=str))
+    make_trainer(cfg.train, put_dataset(data_obj, splits), exp_dir / "trials" / run_id, exp_dir / "train",
+                 name=run_id).fit()
     print(collect_trials(exp_dir).drop(columns=["config"]).to_string(index=False))
-    del ray
 
 
 def cmd_tta(args) -> None:

@@ -144,6 +144,18 @@ class TrainConfig(_Config):
     amp: str = "auto"
     """``auto`` (bf16/fp16 on tensor-core GPUs, fp32 elsewhere), ``off``, ``fp16`` or ``bf16``."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mixup: float = 0.0
+    """Mixup alpha (timm ``Mixup``); 0 turns it off."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm ``Mixup``); 0 turns it off."""
+    class_weighted: bool = False
+    """Cross-entropy weighted by inverse class frequency of the training split."""
+    balanced_sampling: bool = False
+    """Draw each epoch's batches with probability inversely proportional to class frequency."""
+    early_stopping: int | None = None
+    """Stop after this many epochs without a better validation accuracy."""
+    freeze_epochs: int = 0
+    """Train only the head for this many epochs (models with ``freeze_backbone``), then everything."""
     eval_batch_size: int = 512
     seed: int = 0
     num_workers: int = 2
@@ -167,6 +179,10 @@ class TrainConfig(_Config):
         _check(self.amp in ("auto", "off", "fp16", "bf16"), "amp", f"must be auto/off/fp16/bf16, got {self.amp!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0")
+        _check(self.early_stopping is None or self.early_stopping >= 1, "early_stopping", "must be >= 1 or null")
+        _check(0 <= self.freeze_epochs < self.epochs, "freeze_epochs", f"must be in [0, epochs), got "
+               f"{self.freeze_epochs}")
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment, "augment")
 

@@ -22,9 +22,11 @@ from fer_ray.config import TrainConfig
 
 
 def shard_batches(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  drop_last: bool = True) -> Iterator[torch.Tensor]:
-    """Index batches of this rank's shard; ``batch_size`` is per rank."""
-    if shuffle:
+                  drop_last: bool = True, weights: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Index batches of this rank's shard; ``batch_size`` is per rank. ``weights`` draws with replacement."""
+    if weights is not None:
+        order = torch.multinomial(weights, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    elif shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     else:
         order = torch.arange(n)
@@ -73,26 +75,71 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
+def class_balance(labels: torch.Tensor, num_classes: int = 7) -> torch.Tensor:
+    """Inverse-frequency weight per class, normalised to mean 1 over the samples."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).float().clamp(min=1)
+    w = counts.sum() / (num_classes * counts)
+    return w / (w[labels.cpu()].mean())
+
+
+class LossFn:
+    """Cross-entropy with optional label smoothing, class weights and timm Mixup/CutMix soft targets."""
+
+    def __init__(self, cfg: TrainConfig, train_labels: torch.Tensor, num_classes: int = 7):
+        from timm.data import Mixup
+
+        self.cfg = cfg
+        self.weight = class_balance(train_labels, num_classes).to(train_labels.device) if cfg.class_weighted else None
+        self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                            num_classes=num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is None or len(x) % 2:
+            return x, y
+        return self.mixup(x, y)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 2:  # soft targets from Mixup/CutMix
+            per_sample = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+            if self.weight is not None:
+                per_sample = per_sample * (target @ self.weight)
+            return per_sample.mean()
+        return F.cross_entropy(logits, target, weight=self.weight, label_smoothing=self.cfg.label_smoothing)
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
+    """Freeze/unfreeze a model's backbone if it supports it (``freeze_backbone``); returns whether it did."""
+    module = model.module if hasattr(model, "module") else model
+    if not hasattr(module, "freeze_backbone"):
+        return False
+    module.freeze_backbone(frozen)
+    return True
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                     preprocess: nn.Module, augment: nn.Module, cfg: TrainConfig, epoch: int, *, rank: int = 0,
-                    world_size: int = 1, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                    world_size: int = 1, scaler: torch.amp.GradScaler | None = None,
+                    loss_fn: LossFn | None = None) -> dict[str, float]:
     """One pass over this rank's shard; returns ``train_loss``, ``train_acc``, ``images``, ``train_time_s``."""
     model.train()
     device = images.device
     amp_dtype = autocast_dtype(cfg, device)
+    loss_fn = loss_fn or LossFn(cfg, labels)
     per_rank = max(1, cfg.batch_size // world_size)
+    weights = class_balance(labels)[labels.cpu()] if cfg.balanced_sampling else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, t0 = 0, time.perf_counter()
     for idx in shard_batches(len(images), per_rank, shuffle=True, seed=cfg.seed * 1000 + epoch, rank=rank,
-                             world_size=world_size):
+                             world_size=world_size, weights=weights):
         idx = idx.to(device, non_blocking=True)
         x = preprocess(augment(preprocess.to_float(images[idx])))
         y = labels[idx]
+        x, target = loss_fn.mix(x, y)
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            loss = loss_fn(logits, target)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

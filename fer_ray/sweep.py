@@ -79,7 +79,7 @@ def _trainable(cfg: SweepConfig, data_ref, exp_dir: Path):
     return tune.with_resources(fn, resources)
 
 
-def _write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
+def write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
     import yaml
 
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_c
     exp_dir = Path(exp_dir).absolute()
     data, splits = prepare_dataset(cfg.data)
     if not resume:
-        _write_setup(cfg, exp_dir, data, splits)
+        write_setup(cfg, exp_dir, data, splits)
     init_ray(num_cpus=num_cpus)
     trainable = _trainable(cfg, put_dataset(data, splits), exp_dir)
     tune_dir = exp_dir / "tune"

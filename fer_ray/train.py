@@ -97,23 +97,25 @@ def train_loop_per_worker(config: dict) -> None:
     fer_cfg = model.fer_cfg
     preprocess, augment = Preprocess.for_model(fer_cfg).to(device), Augment(cfg.augment).to(device)
     model = model.to(device, memory_format=torch.channels_last)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    optimizer = engine.build_optimizer(cfg, model.parameters())
-    scheduler = engine.build_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler() if engine.autocast_dtype(cfg, device) == torch.float16 else None
-
     ckpt_dir = Path(config["trial_dir"]) / "checkpoints"
-    start, history = _resume(ckpt_dir, model, optimizer, scheduler)
+    module = model
+    latest = latest_checkpoint(ckpt_dir)
+    done = int(latest.stem.split("_")[1]) if latest else 0
+    model, optimizer, scheduler = _phase(module, cfg, world, frozen=done < cfg.freeze_epochs)
+    start, history = _resume(ckpt_dir, module, optimizer, scheduler)
+    scaler = torch.amp.GradScaler() if engine.autocast_dtype(cfg, device) == torch.float16 else None
     train_x, train_y = _device_tensors(arrays, "train", device)
     val_x, val_y = _device_tensors(arrays, "val", device)
+    loss_fn = engine.LossFn(cfg, train_y)
     run_config = dict(cfg.to_dict(), img_size=fer_cfg["img_size"], in_chans=fer_cfg["in_chans"])
     startup_s = time.time() - config.get("t_start", time.time())  # trial/run start → first batch
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
+        if cfg.freeze_epochs and epoch == cfg.freeze_epochs:  # phase 2: unfreeze, re-wrap DDP, new optimizer
+            model, optimizer, scheduler = _phase(module, cfg, world, frozen=False)
         metrics = engine.train_one_epoch(model, train_x, train_y, optimizer, preprocess, augment, cfg, epoch,
-                                         rank=rank, world_size=world, scaler=scaler)
+                                         rank=rank, world_size=world, scaler=scaler, loss_fn=loss_fn)
         metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
                     "img_size": fer_cfg["img_size"], "world_size": world, "startup_s": startup_s}
@@ -128,10 +130,28 @@ def train_loop_per_worker(config: dict) -> None:
                             optimizer.state_dict(), scheduler.state_dict() if scheduler else None,
                             keep={best["epoch"], epoch + 1})
             _write_json(Path(config["trial_dir"]) / "history.json", history)
+            print(f"[{Path(config['trial_dir']).name}] epoch {epoch + 1}/{cfg.epochs} {cfg.model}@{fer_cfg['img_size']}"
+                  f" train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f}"
+                  f" val_acc {metrics['val_acc']:.4f} ({metrics['epoch_time_s']:.1f}s)", flush=True)
         _maybe_fail(config, epoch + 1, rank)
         metrics["checkpoint"] = str(ckpt_dir / f"epoch_{best['epoch']:03d}.pt")
         metrics["last_checkpoint"] = str(ckpt_path)
         _report(metrics, in_tune_local=local and config.get("in_tune", False))
+        if cfg.early_stopping and epoch + 1 - best["epoch"] >= cfg.early_stopping:
+            break
+
+
+def _phase(module: torch.nn.Module, cfg: TrainConfig, world: int, frozen: bool):
+    """(Re)build the trainable view of ``module`` for a freeze phase: DDP wrapper, optimizer and scheduler.
+
+    DDP only synchronises parameters that required grad when it was built, so each phase wraps anew.
+    """
+    if cfg.freeze_epochs and not engine.set_backbone_frozen(module, frozen):
+        raise ValueError(f"freeze_epochs needs a model with freeze_backbone(); {cfg.model} has none")
+    model = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
+    optimizer = engine.build_optimizer(cfg, [p for p in module.parameters() if p.requires_grad])
+    scheduler = engine.build_scheduler(cfg, optimizer)
+    return model, optimizer, scheduler
 
 
 def _maybe_fail(config: dict, epoch: int, rank: int) -> None:

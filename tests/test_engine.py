@@ -38,3 +38,42 @@ def test_training_reduces_loss_on_an_easy_problem():
 
 def test_amp_is_fp32_on_cpu():
     assert engine.autocast_dtype(TrainConfig(), torch.device("cpu")) is None
+
+
+def test_two_phase_freezes_then_unfreezes():
+    torch.manual_seed(0)
+    model = create_model("hybrid_effnet", img_size=32, in_chans=1)
+    images = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
+    labels = torch.randint(0, 7, (16,))
+    cfg = TrainConfig(model="hybrid_effnet", epochs=2, freeze_epochs=1, batch_size=8, img_size=32, in_chans=1)
+    pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert engine.set_backbone_frozen(model, True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("head", "classifier", "fc")) for n in trainable), trainable
+    opt = engine.build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    engine.train_one_epoch(model, images, labels, opt, pre, aug, cfg, 0)
+    changed = {k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
+    assert changed and all(k.split(".")[0] in {n.split(".")[0] for n in trainable} for k in changed), changed
+    engine.set_backbone_frozen(model, False)
+    assert all(p.requires_grad for p in model.parameters())
+    opt = engine.build_optimizer(cfg, model.parameters())
+    mid = {k: v.clone() for k, v in model.state_dict().items()}
+    engine.train_one_epoch(model, images, labels, opt, pre, aug, cfg, 1)
+    backbone = [k for k in mid if k.split(".")[0] not in {n.split(".")[0] for n in trainable}]
+    assert any(not torch.equal(model.state_dict()[k], mid[k]) for k in backbone), "backbone trains in phase 2"
+
+
+def test_recipe_knobs_run():
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 20 + [3] * 4 + [6] * 8)
+    images = torch.randint(0, 256, (32, 48, 48), dtype=torch.uint8)
+    cfg = TrainConfig(model="basic_cnn", batch_size=8, mixup=0.2, cutmix=1.0, class_weighted=True,
+                      balanced_sampling=True, label_smoothing=0.1, grad_clip=1.0)
+    model = create_model("basic_cnn", img_size=32)
+    pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
+    out = engine.train_one_epoch(model, images, labels, engine.build_optimizer(cfg, model.parameters()), pre, aug,
+                                 cfg, 0)
+    assert out["images"] == 32 and out["train_loss"] > 0
+    w = engine.class_balance(labels)
+    assert w[1] > 0 and w[3] > w[0]  # rare classes weigh more

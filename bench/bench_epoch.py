@@ -1,0 +1,76 @@
+"""Benchmark 2: epoch wall time of one model trained through Ray Train (1 worker, and local mode) vs the same
+model, data, batches and engine in a bare PyTorch loop in this process. The Ray figure is the epoch time the
+worker measured itself (``epoch_time_s`` in its history), so it includes Ray's per-epoch report/checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import emit, parser
+
+from fer_ray import engine
+from fer_ray.config import TrainConfig
+from fer_ray.data import split_indices
+from fer_ray.data.augment import Augment, Preprocess
+from fer_ray.data.synthetic import generate
+from fer_ray.models import create_model
+from fer_ray.train import init_ray, make_trainer, put_dataset
+
+
+def bare_epochs(cfg: TrainConfig, images, labels, epochs: int) -> list[float]:
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, img_size=cfg.img_size).to(memory_format=torch.channels_last)
+    pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
+    opt = engine.build_optimizer(cfg, model.parameters())
+    times = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        engine.train_one_epoch(model, images, labels, opt, pre, aug, cfg, epoch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ray_epochs(cfg: TrainConfig, ref, tmp: Path, name: str) -> list[float]:
+    make_trainer(cfg, ref, tmp / name, tmp / "train", name=name).fit()
+    history = json.loads((tmp / name / "history.json").read_text())
+    return [h["train_time_s"] for h in history]
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", default="advanced_emotion_net")
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    n, epochs = (300, 1) if args.smoke else (3000, args.epochs)
+    data = generate(n, seed=0)
+    splits = split_indices(data, 0.1, 0)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(model=args.model, img_size=48, epochs=epochs, batch_size=64, num_workers=1,
+                      cpus_per_worker=threads, eval_batch_size=256)
+    images = torch.from_numpy(data.images[splits["train"]])
+    labels = torch.from_numpy(data.labels[splits["train"]])
+    tmp = Path(tempfile.mkdtemp(prefix="fer_bench_"))
+    try:
+        bare = bare_epochs(cfg, images, labels, epochs)
+        init_ray(num_cpus=threads)
+        ref = put_dataset(data, splits)
+        ray1 = ray_epochs(cfg, ref, tmp, "one_worker")
+        local = ray_epochs(cfg.replace(num_workers=0), ref, tmp, "local_mode")
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        emit("epoch", {"model": args.model, "images": len(images), "epochs": epochs, "bare_epoch_s": med(bare),
+                       "ray_1worker_epoch_s": med(ray1), "ray_local_epoch_s": med(local),
+                       "ratio_1worker": med(ray1) / med(bare), "ratio_local": med(local) / med(bare),
+                       "target": "<= 1.05x"}, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
