@@ -1,0 +1,115 @@
+"""Logit store, metrics, ensembles and the protocol guard, on synthetic logits with known answers."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fer_ray.ensemble import EnsembleSpec, ProtocolError, combine, run_ensemble
+from fer_ray.metrics import classification_metrics, expected_calibration_error, softmax
+from fer_ray.report import _pareto, leaderboard, write_report
+from fer_ray.store import StoreError, load_store, read_logits, write_logits
+
+ROLES = {"train": "fit", "val": "select", "public_test": "report"}
+
+
+def _logits(labels, strength, rng, views=2):
+    x = rng.normal(0, 1, (views, len(labels), 7)).astype(np.float32)
+    x[:, np.arange(len(labels)), labels] += strength
+    return x
+
+
+@pytest.fixture
+def exp(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "split_roles.json").write_text(json.dumps(ROLES))
+    labels = {"val": rng.integers(0, 7, 300), "public_test": rng.integers(0, 7, 300)}
+    rows = []
+    for i, strength in enumerate([0.5, 1.5, 3.0]):
+        tid = f"t{i}"
+        for split, y in labels.items():
+            write_logits(tmp_path / "logits" / tid / f"{split}.parquet", _logits(y, strength, rng), y,
+                         np.array([f"{split}{j}" for j in range(len(y))]), ["identity", "hflip"],
+                         {"member": tid, "split": split, "role": ROLES[split], "views": ["identity", "hflip"]})
+        rows.append({"trial_id": tid, "arch": "basic_cnn", "img_size": 48, "in_chans": 1, "params": 1000,
+                     "gmacs": 0.1 * (i + 1), "best_val_acc": [0.3, 0.5, 0.9][i], "best_epoch": 1, "epochs_run": 1,
+                     "stopped_early": False, "checkpoint": "x", "config": "{}"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "trials.parquet")
+    return tmp_path
+
+
+def test_store_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    path = write_logits(tmp_path / "m.parquet", logits, np.arange(5), np.array(list("abcde")), ["a", "b", "c"],
+                        {"arch": "x", "views": ["a", "b", "c"]})
+    ls = read_logits(path)
+    assert np.array_equal(ls.logits, logits) and ls.views == ["a", "b", "c"] and ls.meta["arch"] == "x"
+    assert list(ls.ids) == list("abcde") and ls.labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_store_refuses_misaligned_members(exp):
+    y = np.zeros(300, dtype=int)
+    write_logits(exp / "logits" / "bad" / "val.parquet", np.zeros((1, 300, 7)), y,
+                 np.array([f"other{j}" for j in range(300)]), ["identity"], {})
+    with pytest.raises(StoreError, match="bad/val.parquet: image ids or labels differ"):
+        load_store(exp)
+
+
+def test_metrics_known_answers():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6] * 10)
+    perfect = np.eye(7)[labels] * 30
+    m = classification_metrics(perfect, labels)
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["ece"] < 1e-6 and m["nll"] < 1e-6
+    assert m["auroc"] == 1.0 and np.trace(np.array(m["confusion"])) == 70
+    uniform = np.zeros((70, 7))
+    assert classification_metrics(uniform, labels)["nll"] == pytest.approx(np.log(7))
+    overconfident = np.eye(7)[(labels + 1) % 7] * 30
+    assert expected_calibration_error(softmax(overconfident), labels) > 0.99
+
+
+def test_combiners():
+    stack = np.stack([np.log(np.full((1, 7), 1 / 7)), np.array([[10.0] + [0.0] * 6])])
+    assert combine(stack, "mean_logits").argmax() == 0
+    assert np.exp(combine(stack, "mean_probs")).sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_top_k_ensemble_written_and_recomputable(exp):
+    out = run_ensemble(exp, EnsembleSpec(name="top2", members={"top_k": 2, "by": "best_val_acc"}))
+    assert out["members"] == ["t2", "t1"] and out["total_gmacs"] == pytest.approx((0.3 + 0.2) * 2)
+    store = load_store(exp)
+    ens = store["ensemble:top2"]["public_test"]
+    mean = np.mean([store[m]["public_test"].logits.mean(0) for m in out["members"]], axis=0)
+    assert np.allclose(ens.logits[0], mean, atol=1e-5)
+    board = leaderboard(exp)
+    row = board[board.name == "top2"].iloc[0]
+    assert row.acc_public_test == pytest.approx(float((mean.argmax(1) == ens.labels).mean()))
+    assert row.kind == "ensemble" and (board.kind == "model").sum() == 3
+
+
+def test_budget_keeps_members_that_fit(exp):
+    out = run_ensemble(exp, EnsembleSpec(name="cheap", members={"top_k": 3}, budget_gmacs=0.9))
+    assert out["total_gmacs"] <= 0.9 and out["members"] == ["t2"]
+
+
+def test_protocol_guard_refuses_report_split(exp):
+    with pytest.raises(ProtocolError, match="'public_test' has role 'report'"):
+        run_ensemble(exp, EnsembleSpec(name="cheat", select_split="public_test"))
+
+
+def test_pareto_front_has_no_dominated_point():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 1, (200, 2))
+    front = pts[_pareto(pts)]
+    for c, a in front:
+        assert not ((pts[:, 0] <= c) & (pts[:, 1] > a)).any()
+
+
+def test_report_files(exp):
+    run_ensemble(exp, EnsembleSpec(name="top2", members={"top_k": 2}))
+    paths = write_report(exp, exp / "report")
+    assert pd.read_csv(paths["csv"]).shape[0] == 4
+    md = paths["md"].read_text()
+    assert md.startswith("Split roles: train = fit, val = select, public_test = report")
+    assert paths["html"].read_text().count("data:image/png;base64,") >= 2
