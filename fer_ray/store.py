@@ -77,10 +77,13 @@ def load_store(results_dir: str | Path, splits: list[str] | None = None) -> dict
     for path in sorted(Path(results_dir, "logits").glob("*/*.parquet")):
         if splits is None or path.stem in splits:
             out.setdefault(path.parent.name, {})[path.stem] = read_logits(path)
-    reference: dict[str, LogitSet] = {}
-    for member, per_split in out.items():
-        for split, ls in per_split.items():
-            ref = reference.setdefault(split, ls)
-            if not (np.array_equal(ref.ids, ls.ids) and np.array_equal(ref.labels, ls.labels)):
+    # The reference per split is the (ids, labels) pair most members share, so the odd one out is named.
+    for split in {sp for per_split in out.values() for sp in per_split}:
+        keyed = {m: (tuple(map(str, ps[split].ids)), ps[split].labels.tobytes())
+                 for m, ps in out.items() if split in ps}
+        values = list(keyed.values())
+        common = max(values, key=values.count)
+        for member, key in keyed.items():
+            if key != common:
                 raise StoreError(f"logits/{member}/{split}.parquet: image ids or labels differ from other members")
     return out
