@@ -1,11 +1,15 @@
-"""Ensembles over the logit store: choose members and fit combiners on the selection split only.
+"""Ensembles over the logit store: choose members, fit combiners on the selection split only, search budgets.
 
 An ``EnsembleSpec`` (``ensembles/*.yaml`` or the CLI) names members explicitly or as ``{top_k, by}`` over
 ``trials.parquet``, the TTA views to use, and a combiner. Each member's views are averaged in logit space,
-then members are combined: ``mean_logits`` or ``mean_probs``. Anything fitted or selected uses the split
-whose role is ``select``; asking for a ``report`` split raises ``ProtocolError``. ``run_ensemble`` writes
-``ensembles/<name>.json`` and stores the combined logits as member ``ensemble:<name>`` for every split, so
-leaderboard numbers are recomputed from stored logits. Cost = Σ member GMACs per view × views used.
+then members are combined: ``mean_logits``, ``mean_probs``, ``nll_weights`` (simplex weights minimising NLL),
+``greedy`` (Caruana et al. 2004 forward selection with replacement) or ``stacking`` (logistic regression on the
+members' probabilities, C chosen by cross-validation); ``temperature: true`` adds temperature scaling per member
+and for the result. Anything fitted or selected uses the split whose role is ``select``; asking for a ``report``
+split raises ``ProtocolError``. ``run_ensemble`` writes ``ensembles/<name>.json`` with every fitted number
+(``reproduce_ensemble`` rebuilds the logits from it) and stores the combined logits as member
+``ensemble:<name>`` for every split. ``budget_search`` grows candidate ensembles per TTA view subset, writes
+``pareto.csv`` and builds the most accurate one under a GMACs budget. Cost = Σ member GMACs per view × views.
 """
 
 from __future__ import annotations
@@ -16,13 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize, minimize_scalar
+from scipy.special import log_softmax
 
-from fer_ray.checkpoint import atomic_write_text
+from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text
 from fer_ray.config import ConfigError, _Config
 from fer_ray.metrics import classification_metrics, softmax
 from fer_ray.store import LogitSet, load_store, write_logits
 
-COMBINERS = ("mean_logits", "mean_probs")
+COMBINERS = ("mean_logits", "mean_probs", "nll_weights", "greedy", "stacking")
+GREEDY_METRICS = ("accuracy", "nll")
+PRUNE_WEIGHT = 1e-4
+"""Members whose fitted weight is at most this are dropped from ``nll_weights``/``greedy`` ensembles."""
+VIEW_SUBSETS = (("identity",), ("identity", "hflip"))
+"""View subsets tried by ``budget_search`` (those the store has), besides all stored views."""
 
 
 class ProtocolError(ValueError):
@@ -39,15 +50,37 @@ class EnsembleSpec(_Config):
     views: list | None = None
     """TTA views to use (``None``: every stored view)."""
     combiner: str = "mean_logits"
+    """One of ``COMBINERS``."""
     select_split: str = "val"
+    """The split every weight, temperature and C is fitted on; its role must be ``select``."""
     budget_gmacs: float | None = None
-    """Keep the top-ranked members whose summed cost fits this budget."""
+    """Keep the longest top-ranked prefix of members whose summed cost (GMACs × views) fits this budget."""
+    temperature: bool = False
+    """Fit one temperature per member and one for the combined logits (scalar T minimising NLL)."""
+    greedy_metric: str = "accuracy"
+    """``greedy``: the selection-split metric forward selection optimises, ``accuracy`` or ``nll``."""
+    greedy_iters: int = 25
+    """``greedy``: additions (with replacement) after the best single member; the best prefix is kept."""
+    stacking_folds: int = 5
+    """``stacking``: stratified cross-validation folds on the selection split used to choose C."""
+    seed: int = 0
+    """Seed of the stacking folds."""
 
     def __post_init__(self) -> None:
         if self.combiner not in COMBINERS:
             raise ConfigError(f"combiner: must be one of {COMBINERS}, got {self.combiner!r}")
         if isinstance(self.members, dict) and set(self.members) - {"top_k", "by"}:
             raise ConfigError(f"members: unknown key {sorted(set(self.members) - {'top_k', 'by'})[0]!r}")
+        if self.greedy_metric not in GREEDY_METRICS:
+            raise ConfigError(f"greedy_metric: must be one of {GREEDY_METRICS}, got {self.greedy_metric!r}")
+        if self.greedy_iters < 0:
+            raise ConfigError(f"greedy_iters: must be >= 0, got {self.greedy_iters}")
+        if self.stacking_folds < 2:
+            raise ConfigError(f"stacking_folds: must be >= 2, got {self.stacking_folds}")
+        if self.budget_gmacs is not None and self.budget_gmacs <= 0:
+            raise ConfigError(f"budget_gmacs: must be > 0, got {self.budget_gmacs}")
+        if not isinstance(self.temperature, bool):
+            raise ConfigError(f"temperature: must be true or false, got {self.temperature!r}")
 
 
 def check_role(results_dir: Path, split: str) -> None:
@@ -71,6 +104,139 @@ def combine(stack: np.ndarray, combiner: str) -> np.ndarray:
     return stack.mean(0)
 
 
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Scalar T > 0 minimising the NLL of ``softmax(logits / T)`` (searched over log T in [-4, 4])."""
+    z = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+
+    def loss(log_t: float) -> float:
+        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    res = minimize_scalar(loss, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def fit_nll_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Simplex weights ``w = softmax(z)`` minimising the NLL of ``Σ w_m p_m`` (``probs`` is ``[M, N, C]``)."""
+    p = probs[:, np.arange(len(labels)), labels].T  # [N, M]: each member's probability of the true class
+
+    def loss(z: np.ndarray) -> tuple[float, np.ndarray]:
+        w = softmax(z)
+        q = p @ w + 1e-12
+        g = -(p / q[:, None]).mean(0)
+        return float(-np.log(q).mean()), w * (g - w @ g)
+
+    res = minimize(loss, np.zeros(p.shape[1]), jac=True, method="L-BFGS-B")
+    return softmax(res.x)
+
+
+def fit_greedy(probs: np.ndarray, labels: np.ndarray, metric: str, iters: int) -> tuple[np.ndarray, list[int]]:
+    """Caruana forward selection with replacement from the best single member; weights of the best prefix.
+
+    Returns ``(weights, picks)``: selection counts / total, and the order members were picked in.
+    """
+    def score(p: np.ndarray) -> float:
+        return float((p.argmax(1) == labels).mean()) if metric == "accuracy" else -_nll(p, labels)
+
+    singles = [score(p) for p in probs]
+    picks = [int(np.argmax(singles))]
+    total, best, best_len = probs[picks[0]].copy(), singles[picks[0]], 1
+    for _ in range(iters):
+        cand = [score((total + p) / (len(picks) + 1)) for p in probs]
+        m = int(np.argmax(cand))
+        picks.append(m)
+        total += probs[m]
+        if cand[m] > best + 1e-12:
+            best, best_len = cand[m], len(picks)
+    counts = np.bincount(picks[:best_len], minlength=len(probs)).astype(np.float64)
+    return counts / counts.sum(), picks[:best_len]
+
+
+def _stack_features(probs: np.ndarray) -> np.ndarray:
+    m, n, c = probs.shape
+    return probs.transpose(1, 0, 2).reshape(n, m * c)
+
+
+def fit_stacking(probs: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> dict:
+    """Multinomial logistic regression on concatenated member probabilities; C by stratified CV (NLL)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    c = probs.shape[2]
+    present = np.bincount(labels, minlength=c)
+    k = int(min(folds, present[present > 0].min()))
+    if k < 2 or (present > 0).sum() < 2:
+        raise ConfigError("stacking: the selection split needs >= 2 classes with >= 2 images each")
+    model = LogisticRegressionCV(Cs=np.logspace(-3, 3, 13), l1_ratios=(0.0,), scoring="neg_log_loss",
+                                 cv=StratifiedKFold(k, shuffle=True, random_state=seed), max_iter=2000,
+                                 use_legacy_attributes=False)
+    model.fit(_stack_features(probs), labels)
+    coef, intercept = model.coef_, model.intercept_
+    if len(model.classes_) == 2:  # binary: one row; softmax([-a/2, a/2]) == sigmoid(a)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    full_coef = np.zeros((c, coef.shape[1]))
+    full_int = np.full(c, -30.0)  # a class absent from the selection split is never predicted
+    full_coef[model.classes_], full_int[model.classes_] = coef, intercept
+    return {"coef": full_coef.tolist(), "intercept": full_int.tolist(), "C": float(np.ravel(model.C_)[0]),
+            "folds": k}
+
+
+def apply_fitted(stack: np.ndarray, fitted: dict) -> np.ndarray:
+    """``[M, N, C]`` member logits → ``[N, C]`` ensemble logits, using only the numbers in ``fitted``."""
+    stack = np.asarray(stack, dtype=np.float64)
+    if fitted.get("member_temperatures"):
+        stack = stack / np.asarray(fitted["member_temperatures"], dtype=np.float64)[:, None, None]
+    w = np.asarray(fitted["weights"], dtype=np.float64)
+    if fitted["combiner"] == "mean_logits":
+        out = np.tensordot(w, stack, axes=1)
+    elif fitted["combiner"] == "stacking":
+        st = fitted["stacking"]
+        out = _stack_features(softmax(stack)) @ np.asarray(st["coef"]).T + np.asarray(st["intercept"])
+    else:
+        out = np.log(np.tensordot(w, softmax(stack), axes=1) + 1e-12)
+    if fitted.get("temperature"):
+        out = out / fitted["temperature"]
+    return out
+
+
+def fit_ensemble(stack: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> dict:
+    """Fit ``spec``'s combiner (and temperatures) on selection-split member logits ``[M, N, C]``.
+
+    Every number is a plain float, so the returned dict survives JSON and ``apply_fitted`` reproduces exactly.
+    Members whose weight is ≤ ``PRUNE_WEIGHT`` are dropped (weights renormalised); ``kept`` lists the indices
+    of the members that remain, in order.
+    """
+    m = len(stack)
+    fitted: dict = {"combiner": spec.combiner, "weights": [1.0 / m] * m, "member_temperatures": None,
+                    "temperature": None}
+    member = np.asarray(stack, dtype=np.float64)
+    if spec.temperature:
+        fitted["member_temperatures"] = [fit_temperature(s, labels) for s in member]
+        member = member / np.asarray(fitted["member_temperatures"])[:, None, None]
+    probs = softmax(member)
+    if spec.combiner == "nll_weights":
+        fitted["weights"] = [float(w) for w in fit_nll_weights(probs, labels)]
+    elif spec.combiner == "greedy":
+        weights, picks = fit_greedy(probs, labels, spec.greedy_metric, spec.greedy_iters)
+        fitted["weights"], fitted["greedy_picks"] = [float(w) for w in weights], picks
+    elif spec.combiner == "stacking":
+        fitted["stacking"] = fit_stacking(probs, labels, spec.stacking_folds, spec.seed)
+    keep = [i for i, w in enumerate(fitted["weights"]) if w > PRUNE_WEIGHT or spec.combiner == "stacking"]
+    if len(keep) < m:  # members that (almost) never count are dropped, so they cost nothing
+        total = sum(fitted["weights"][i] for i in keep)
+        fitted["weights"] = [fitted["weights"][i] / total for i in keep]
+        if fitted["member_temperatures"]:
+            fitted["member_temperatures"] = [fitted["member_temperatures"][i] for i in keep]
+    fitted["kept"] = keep
+    if spec.temperature:
+        fitted["temperature"] = fit_temperature(apply_fitted(np.asarray(stack)[keep], fitted), labels)
+    return fitted
+
+
 def _select_members(spec: EnsembleSpec, trials: pd.DataFrame, store: dict) -> list[str]:
     if isinstance(spec.members, list):
         missing = [m for m in spec.members if m not in store]
@@ -84,39 +250,161 @@ def _select_members(spec: EnsembleSpec, trials: pd.DataFrame, store: dict) -> li
     return ranked.trial_id.head(int(spec.members.get("top_k", 3))).tolist()
 
 
+def _base_store(exp: Path) -> dict[str, dict[str, LogitSet]]:
+    return {m: s for m, s in load_store(exp).items() if not m.startswith("ensemble:")}
+
+
 def run_ensemble(results_dir: str | Path, spec: EnsembleSpec) -> dict:
     """Build ``spec`` from the store, write ``ensembles/<name>.json`` and the ensemble's logits per split."""
     exp = Path(results_dir)
     check_role(exp, spec.select_split)
     trials = pd.read_parquet(exp / "trials.parquet")
-    store = {m: s for m, s in load_store(exp).items() if not m.startswith("ensemble:")}
+    store = _base_store(exp)
     members = _select_members(spec, trials, store)
     gmacs = trials.set_index("trial_id").gmacs
     views = spec.views or store[members[0]][spec.select_split].views
     if spec.budget_gmacs is not None:
         kept, cost = [], 0.0
         for m in members:
-            if cost + gmacs[m] * len(views) <= spec.budget_gmacs:
-                kept.append(m)
-                cost += gmacs[m] * len(views)
+            if cost + gmacs[m] * len(views) > spec.budget_gmacs:
+                break  # a weaker member never replaces a stronger one that did not fit
+            kept.append(m)
+            cost += gmacs[m] * len(views)
         members = kept
     if not members:
         raise ConfigError(f"ensemble {spec.name!r}: no member fits (budget {spec.budget_gmacs} GMACs?)")
+    lacking = [m for m in members if spec.select_split not in store[m]]
+    if lacking:
+        raise ConfigError(f"members: {lacking[0]!r} has no logits on the selection split {spec.select_split!r}")
+    sel = [store[m][spec.select_split] for m in members]
+    fitted = fit_ensemble(np.stack([member_logits(s, views) for s in sel]), sel[0].labels, spec)
+    dropped = [m for i, m in enumerate(members) if i not in fitted["kept"]]
+    if "greedy_picks" in fitted:
+        fitted["greedy_picks"] = [members[i] for i in fitted["greedy_picks"]]
+    members = [members[i] for i in fitted.pop("kept")]
     roles = json.loads((exp / "split_roles.json").read_text())
+    total = float(sum(gmacs[m] for m in members) * len(views))
     metrics = {}
     for split in store[members[0]]:
         sets = [store[m][split] for m in members]
-        logits = combine(np.stack([member_logits(s, views) for s in sets]), spec.combiner)
+        logits = apply_fitted(np.stack([member_logits(s, views) for s in sets]), fitted)
         write_logits(exp / "logits" / f"ensemble:{spec.name}" / f"{split}.parquet", logits[None], sets[0].labels,
                      sets[0].ids, ["combined"],
                      {"member": f"ensemble:{spec.name}", "kind": "ensemble", "members": members, "views": ["combined"],
                       "member_views": list(views), "split": split, "role": roles.get(split), "combiner": spec.combiner,
-                      "gmacs_per_view": float(sum(gmacs[m] for m in members) * len(views))})
+                      "selected_on": spec.select_split, "gmacs_per_view": total})
         metrics[split] = {k: v for k, v in classification_metrics(logits, sets[0].labels).items()
                           if k != "confusion"}
     out = {"name": spec.name, "spec": spec.to_dict(), "members": members, "views": list(views),
-           "weights": [1.0 / len(members)] * len(members), "combiner": spec.combiner,
-           "selected_on": spec.select_split, "total_gmacs": float(sum(gmacs[m] for m in members) * len(views)),
-           "metrics": metrics}
+           "weights": fitted["weights"], "combiner": spec.combiner, "fitted": fitted, "dropped": dropped,
+           "selected_on": spec.select_split, "total_gmacs": total, "metrics": metrics}
+    atomic_write_text(exp / "ensembles" / f"{spec.name}.json", json.dumps(out, indent=1))
+    return out
+
+
+def reproduce_ensemble(results_dir: str | Path, name: str, split: str) -> np.ndarray:
+    """``[N, C]`` logits of ensemble ``name`` on ``split``, rebuilt from ``ensembles/<name>.json`` (no refit)."""
+    exp = Path(results_dir)
+    info = json.loads((exp / "ensembles" / f"{name}.json").read_text())
+    store = load_store(exp, [split])
+    return apply_fitted(np.stack([member_logits(store[m][split], info["views"]) for m in info["members"]]),
+                        info["fitted"])
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Indices of (cost, accuracy) points not dominated by a cheaper-or-equal, at-least-as-accurate point."""
+    points = np.asarray(points, dtype=np.float64)
+    order = np.lexsort((-points[:, 1], points[:, 0]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i, 1] > best:
+            front.append(i)
+            best = points[i, 1]
+    return np.array(front, dtype=int)
+
+
+def _grow(stack: np.ndarray, labels: np.ndarray) -> list[tuple[list[int], float]]:
+    """From each member, add the member that most raises accuracy of the logit mean; every prefix, with its acc."""
+    out = []
+    for start in range(len(stack)):
+        chosen, total = [start], stack[start].astype(np.float64)
+        out.append((list(chosen), float((total.argmax(1) == labels).mean())))
+        while len(chosen) < len(stack):
+            rest = [m for m in range(len(stack)) if m not in chosen]
+            accs = [float(((total + stack[m]).argmax(1) == labels).mean()) for m in rest]
+            m = rest[int(np.argmax(accs))]
+            chosen.append(m)
+            total = total + stack[m]
+            out.append((list(chosen), max(accs)))
+    return out
+
+
+def budget_candidates(results_dir: str | Path, select_split: str = "val") -> pd.DataFrame:
+    """Candidate ensembles (``mean_logits``) per TTA view subset, with cost and selection-split accuracy.
+
+    Columns: ``views``, ``members`` (growth order), ``n_members``, ``gmacs`` (Σ member GMACs × views),
+    ``select_acc``, ``on_front``. Duplicates (same views and member set) are dropped.
+    """
+    exp = Path(results_dir)
+    check_role(exp, select_split)
+    trials = pd.read_parquet(exp / "trials.parquet").set_index("trial_id")
+    store = _base_store(exp)
+    members = [m for m in trials.index if m in store and select_split in store[m]]
+    if not members:
+        raise ConfigError(f"{exp}: no stored logits on {select_split!r} (run `fer-ray tta` first)")
+    sets = [store[m][select_split] for m in members]
+    stored = [v for v in sets[0].views if all(v in s.views for s in sets)]
+    subsets = []
+    for vs in [*map(list, VIEW_SUBSETS), stored]:
+        if vs and all(v in stored for v in vs) and vs not in subsets:
+            subsets.append(vs)
+    rows, labels = [], sets[0].labels
+    for views in subsets:
+        stack = np.stack([member_logits(s, views) for s in sets])
+        for idx, acc in _grow(stack, labels):
+            names = [members[i] for i in idx]
+            rows.append({"views": " ".join(views), "members": " ".join(names), "n_members": len(idx),
+                         "gmacs": float(trials.loc[names, "gmacs"].sum()) * len(views), "select_acc": acc,
+                         "_key": " ".join(views) + "|" + " ".join(sorted(names))})
+    cand = pd.DataFrame(rows).drop_duplicates("_key").drop(columns="_key").reset_index(drop=True)
+    cand["on_front"] = False
+    cand.loc[pareto_front(cand[["gmacs", "select_acc"]].to_numpy()), "on_front"] = True
+    return cand
+
+
+def budget_search(results_dir: str | Path, budget_gmacs: float, select_split: str = "val",
+                  name: str | None = None) -> dict:
+    """Build the most accurate candidate (on the selection split) costing ≤ ``budget_gmacs``; write ``pareto.csv``.
+
+    Selection uses only ``select_split``; report-split accuracy of the Pareto points and the chosen one is added
+    to ``pareto.csv`` afterwards (``acc_<split>`` per report split) for the plot, never to choose.
+    """
+    exp = Path(results_dir)
+    cand = budget_candidates(exp, select_split)
+    fits = cand[cand.gmacs <= budget_gmacs + 1e-12]
+    if fits.empty:
+        raise ConfigError(f"budget_gmacs: no candidate costs <= {budget_gmacs} GMACs "
+                          f"(cheapest: {cand.gmacs.min():.4g})")
+    best = fits.sort_values(["select_acc", "gmacs", "n_members"], ascending=[False, True, True]).index[0]
+    cand["chosen"] = cand.index == best
+    cand["budget_gmacs"] = float(budget_gmacs)
+    roles = json.loads((exp / "split_roles.json").read_text())
+    store = _base_store(exp)
+    shown = cand.on_front | cand.chosen
+    for split in [s for s, r in roles.items() if r == "report"]:
+        col = f"acc_{split}"
+        cand[col] = np.nan
+        for i in cand.index[shown]:
+            ms, views = cand.at[i, "members"].split(), cand.at[i, "views"].split()
+            if all(split in store[m] for m in ms):
+                total = sum(member_logits(store[m][split], views).astype(np.float64) for m in ms)
+                cand.at[i, col] = float((total.argmax(1) == store[ms[0]][split].labels).mean())
+    atomic_write_bytes(exp / "pareto.csv", lambda f: cand.to_csv(f, index=False))
+    row = cand.loc[best]
+    spec = EnsembleSpec(name=name or f"budget_{budget_gmacs:g}gmacs", members=row.members.split(),
+                        views=row.views.split(), combiner="mean_logits", select_split=select_split)
+    out = run_ensemble(exp, spec)
+    out["budget_search"] = {"budget_gmacs": float(budget_gmacs), "candidates": len(cand),
+                            "pareto_points": int(cand.on_front.sum()), "pareto_csv": str(exp / "pareto.csv")}
     atomic_write_text(exp / "ensembles" / f"{spec.name}.json", json.dumps(out, indent=1))
     return out

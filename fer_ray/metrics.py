@@ -1,7 +1,8 @@
 """Classification metrics for models and ensembles: scikit-learn where it has them, ECE/Brier in numpy.
 
 ``classification_metrics`` returns accuracy, macro-F1, per-class recall, one-vs-rest macro AUROC, NLL,
-ECE (15 equal-width bins over the top probability), multi-class Brier score and the confusion matrix.
+ECE (15 equal-width bins over the top probability), multi-class Brier score and the confusion matrix;
+``reliability_curve`` gives the per-bin numbers behind ECE for reliability diagrams.
 """
 
 from __future__ import annotations
@@ -16,13 +17,27 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+def _calibration_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per equal-width bin of top probability: summed correctness, summed confidence, count."""
     conf = probs.max(1)
     correct = probs.argmax(1) == labels
     bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    acc = np.bincount(bins, weights=correct, minlength=n_bins)
-    cs = np.bincount(bins, weights=conf, minlength=n_bins)
+    return (np.bincount(bins, weights=correct, minlength=n_bins), np.bincount(bins, weights=conf, minlength=n_bins),
+            np.bincount(bins, minlength=n_bins))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: Σ_bins |accuracy − confidence| weighted by the bin's share of images."""
+    acc, cs, _ = _calibration_bins(probs, labels, n_bins)
     return float(np.abs(acc - cs).sum() / max(len(labels), 1))
+
+
+def reliability_curve(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Reliability diagram data: bin edges, mean confidence, accuracy and count per bin (NaN where empty)."""
+    acc, cs, count = _calibration_bins(probs, labels, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"edges": np.linspace(0, 1, n_bins + 1), "confidence": cs / count, "accuracy": acc / count,
+                "count": count}
 
 
 def classification_metrics(scores: np.ndarray, labels: np.ndarray, from_logits: bool = True,

@@ -1,9 +1,12 @@
 """Leaderboard and report: every number recomputed from the logit store, written as CSV, Markdown and HTML.
 
 ``leaderboard`` has one row per model (each trial's TTA views averaged) and per ensemble, with fixed
-columns (see ``COLUMNS``). Efficiency is report-split accuracy in % per total GFLOPs, where GFLOPs =
-2 × GMACs (fvcore counts a multiply-add once). ``write_report`` adds a self-contained HTML page with plots:
-accuracy vs GMACs with the Pareto front, confusion matrices, per-class recall, and ASHA's trial curves.
+columns (see ``COLUMNS``) plus accuracy, macro-F1, NLL, ECE and Brier per split and the split each entry was
+selected on. Efficiency is report-split accuracy in % per total GFLOPs, where GFLOPs = 2 × GMACs (fvcore counts
+a multiply-add once). ``write_report`` adds a self-contained HTML page, headed by each split's role, with plots:
+accuracy vs GMACs with the Pareto front, the budget-search Pareto front (``pareto.csv``) with report accuracy
+annotated, reliability diagrams of the best ensemble before/after temperature scaling, the confusion matrix,
+per-class recall, and ASHA's trial curves.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import pandas as pd
 
 from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text
 from fer_ray.data import CLASSES
-from fer_ray.ensemble import member_logits
-from fer_ray.metrics import classification_metrics
+from fer_ray.ensemble import fit_temperature, member_logits, pareto_front
+from fer_ray.metrics import classification_metrics, reliability_curve, softmax
 from fer_ray.store import load_store
 
-COLUMNS = ["name", "kind", "members", "arch", "img_size", "tta_views", "params", "gmacs", "total_gmacs"]
+COLUMNS = ["name", "kind", "members", "arch", "img_size", "tta_views", "params", "gmacs", "total_gmacs", "combiner",
+           "selected_on"]
 SPLIT_ORDER = ["val", "public_test", "private_test"]
 
 
@@ -50,20 +54,21 @@ def leaderboard(results_dir: str | Path) -> pd.DataFrame:
             row = {"name": info["name"], "kind": "ensemble", "members": " ".join(info["members"]),
                    "arch": "+".join(sorted(set(t.arch))), "img_size": "/".join(str(s) for s in sorted(set(t.img_size))),
                    "tta_views": len(info["views"]), "params": int(t.params.sum()), "gmacs": float(t.gmacs.sum()),
-                   "total_gmacs": info["total_gmacs"]}
+                   "total_gmacs": info["total_gmacs"], "combiner": info["combiner"] + (
+                       "+T" if info.get("fitted", {}).get("temperature") else ""),
+                   "selected_on": info.get("selected_on", select)}
         else:
             t = trials.loc[member]
             row = {"name": member, "kind": "model", "members": member, "arch": t.arch, "img_size": str(t.img_size),
                    "tta_views": len(any_set.views), "params": int(t.params), "gmacs": float(t.gmacs),
-                   "total_gmacs": float(t.gmacs) * len(any_set.views)}
+                   "total_gmacs": float(t.gmacs) * len(any_set.views), "combiner": "", "selected_on": select}
         for split in SPLIT_ORDER:
             if split in per_split:
                 m = classification_metrics(member_logits(per_split[split], None), per_split[split].labels)
                 row |= {f"acc_{split}": m["accuracy"], f"macro_f1_{split}": m["macro_f1"], f"nll_{split}": m["nll"],
-                        f"ece_{split}": m["ece"]}
+                        f"ece_{split}": m["ece"], f"brier_{split}": m["brier"]}
         rep = _report_split(roles)
         row["efficiency"] = 100 * row.get(f"acc_{rep}", np.nan) / (2 * row["total_gmacs"]) if rep else np.nan
-        row["selected_on"] = select
         rows.append(row)
     board = pd.DataFrame(rows)
     if board.empty:
@@ -76,7 +81,8 @@ def format_table(board: pd.DataFrame) -> str:
     if board.empty:
         return "(empty leaderboard)"
     cols = ["name", "kind", "arch", "img_size", "tta_views", "params", "total_gmacs"]
-    cols += [c for c in board.columns if c.startswith("acc_") or c.startswith("macro_f1_public")] + ["efficiency"]
+    cols += [c for c in board.columns if c.startswith("acc_") or c.startswith("macro_f1_public")]
+    cols += [c for c in board.columns if c.startswith(("nll_public", "ece_public"))] + ["efficiency"]
     view = board[cols].copy()
     view["params"] = (view["params"] / 1e6).map("{:.2f}M".format)
     view["arch"] = view["arch"].str.slice(0, 40)
@@ -89,15 +95,74 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _pareto(points: np.ndarray) -> np.ndarray:
-    """Indices of (cost, accuracy) points not dominated by a cheaper-or-equal, at-least-as-accurate point."""
-    order = np.lexsort((-points[:, 1], points[:, 0]))
-    front, best = [], -np.inf
-    for i in order:
-        if points[i, 1] > best:
-            front.append(i)
-            best = points[i, 1]
-    return np.array(front, dtype=int)
+_pareto = pareto_front  # the one Pareto rule, shared with ``fer_ray.ensemble.budget_search``
+
+
+def _pareto_figure(exp: Path, plt, select: str, report: str | None):
+    """Budget-search candidates and their Pareto front; front points annotated with report accuracy."""
+    path = exp / "pareto.csv"
+    if not path.is_file():
+        return None
+    cand = pd.read_csv(path)
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for i, (views, sub) in enumerate(cand.groupby("views", sort=False)):
+        ax.scatter(sub.gmacs, sub.select_acc, s=14, alpha=0.5, color=f"C{i}", label=f"candidates [{views}]")
+    front = cand[cand.on_front].sort_values("gmacs")
+    ax.step(front.gmacs, front.select_acc, where="post", color="k", lw=1.2, marker="o", ms=4,
+            label=f"Pareto front ({select})")
+    col = f"acc_{report}" if report else None
+    if col in cand.columns:
+        last = -np.inf
+        for gm, acc, rep in front[["gmacs", "select_acc", col]].itertuples(index=False):
+            if np.isfinite(rep) and np.log10(gm) - last > 0.05:  # skip labels that would overlap
+                last = np.log10(gm)
+                ax.annotate(f"{rep:.3f}", (gm, acc), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color="C3")
+    if "chosen" in cand.columns and cand.chosen.any():
+        ch = cand[cand.chosen]
+        ax.scatter(ch.gmacs, ch.select_acc, marker="*", s=220, color="gold", edgecolors="k", zorder=5,
+                   label="chosen under budget")
+    if "budget_gmacs" in cand.columns:
+        ax.axvline(cand.budget_gmacs.iloc[0], color="grey", ls=":", lw=1, label="budget")
+    ax.set_xscale("log")
+    note = f"; red: {report} accuracy, computed after selection" if col in cand.columns else ""
+    ax.set(xlabel="GMACs per image (Σ members × views, log)", ylabel=f"{select} accuracy",
+           title=f"Budget search (selected on {select}{note})")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _reliability_figure(exp: Path, board: pd.DataFrame, plt, select: str, report: str | None):
+    """Reliability diagrams of the best ensemble, without and with a temperature fitted on ``select``."""
+    ens = board[board.kind == "ensemble"]
+    if ens.empty:
+        return None
+    name = ens.iloc[0]["name"]
+    info = json.loads((exp / "ensembles" / f"{name}.json").read_text())
+    sets = load_store(exp, [s for s in (select, report) if s]).get(f"ensemble:{name}", {})
+    if select not in sets:
+        return None
+    stored_t = (info.get("fitted") or {}).get("temperature") or 1.0  # undo a fitted final temperature
+    raw = {s: member_logits(ls, None).astype(np.float64) * stored_t for s, ls in sets.items()}
+    t = fit_temperature(raw[select], sets[select].labels)
+    shown = report if report in sets else select
+    labels = sets[shown].labels
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), sharey=True)
+    for ax, (what, logits) in zip(axes, (("before", raw[shown]), (f"after T = {t:.2f} (fitted on {select})",
+                                                                   raw[shown] / t))):
+        probs = softmax(logits)
+        rc = reliability_curve(probs, labels)
+        m = classification_metrics(logits, labels)
+        centers = (rc["edges"][:-1] + rc["edges"][1:]) / 2
+        ax.bar(centers, np.nan_to_num(rc["accuracy"]), width=1 / len(centers), edgecolor="k", alpha=0.7,
+               label="accuracy per bin")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy",
+               title=f"{name} on {shown}, {what}\nECE {m['ece']:.3f}  NLL {m['nll']:.3f}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="upper left")
+    return fig
 
 
 def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, str]:
@@ -145,6 +210,13 @@ def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, s
         figs["Best entry: confusion and recall"] = _png(fig)
         plt.close(fig)
 
+    for title, fig in (("Budget search: Pareto front", _pareto_figure(exp, plt, select, report)),
+                       ("Best ensemble: reliability before/after temperature scaling",
+                        _reliability_figure(exp, board, plt, select, report))):
+        if fig is not None:
+            figs[title] = _png(fig)
+            plt.close(fig)
+
     trials = pd.read_parquet(exp / "trials.parquet")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for row in trials.itertuples():
@@ -154,7 +226,8 @@ def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, s
             ax.plot(h.epoch, h.val_acc, marker="o", color="lightgrey" if row.stopped_early else None,
                     label=None if row.stopped_early else f"{row.trial_id} {row.arch}@{row.img_size}")
     ax.set(xlabel="epoch", ylabel=f"{select} accuracy", title="ASHA trial curves (grey: stopped early)")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[1]:  # every trial stopped early or no curves: nothing to name
+        ax.legend(fontsize=6)
     figs["Trial curves"] = _png(fig)
     plt.close(fig)
     return figs

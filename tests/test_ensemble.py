@@ -1,17 +1,21 @@
 """Logit store, metrics, ensembles and the protocol guard, on synthetic logits with known answers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from fer_ray.cli import main
+from fer_ray.config import ConfigError, load_yaml
 from fer_ray.ensemble import EnsembleSpec, ProtocolError, combine, run_ensemble
 from fer_ray.metrics import classification_metrics, expected_calibration_error, softmax
 from fer_ray.report import _pareto, leaderboard, write_report
 from fer_ray.store import StoreError, load_store, read_logits, write_logits
 
 ROLES = {"train": "fit", "val": "select", "public_test": "report"}
+SPEC_FILES = sorted((Path(__file__).resolve().parent.parent / "ensembles").glob("*.yaml"))
 
 
 def _logits(labels, strength, rng, views=2):
@@ -113,3 +117,27 @@ def test_report_files(exp):
     md = paths["md"].read_text()
     assert md.startswith("Split roles: train = fit, val = select, public_test = report")
     assert paths["html"].read_text().count("data:image/png;base64,") >= 2
+
+
+def test_spec_folder_is_not_empty():
+    assert {"top3_mean", "greedy_nll", "stacked", "budget_1gmac"} <= {p.stem for p in SPEC_FILES}
+
+
+@pytest.mark.parametrize("path", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
+def test_every_spec_file_loads_and_runs(path, exp, capsys):
+    spec = EnsembleSpec.from_dict(load_yaml(path), str(path))
+    assert spec.name == path.stem and spec.select_split == "val"
+    assert main(["ensemble", str(exp), "--spec", str(path)]) == 0
+    out = json.loads((exp / "ensembles" / f"{spec.name}.json").read_text())
+    assert out["spec"] == spec.to_dict() and out["selected_on"] == "val"
+    assert "public_test" in out["metrics"]
+    assert (exp / "logits" / f"ensemble:{spec.name}" / "public_test.parquet").exists()
+
+
+def test_spec_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown key 'combinr'"):
+        EnsembleSpec.from_dict({"combinr": "greedy"})
+    for bad in ({"combiner": "median"}, {"greedy_metric": "f1"}, {"stacking_folds": 1}, {"budget_gmacs": 0},
+                {"temperature": "yes"}):
+        with pytest.raises(ConfigError):
+            EnsembleSpec.from_dict(bad)
