@@ -98,18 +98,27 @@ def cmd_tta(args) -> None:
 
 
 def cmd_ensemble(args) -> None:
-    from fer_ray.ensemble import EnsembleSpec, run_ensemble
+    from fer_ray.ensemble import EnsembleSpec, ProtocolError, budget_search, run_ensemble
     from fer_ray.pipeline import ensemble_stage
 
     exp = Path(args.results_dir)
-    if args.spec:
-        raw = load_yaml(args.spec)
-        raw.setdefault("name", Path(args.spec).stem)
-        if args.budget_gmacs is not None:
-            raw["budget_gmacs"] = args.budget_gmacs
-        out = run_ensemble(exp, EnsembleSpec.from_dict(raw))
-    else:
-        out = ensemble_stage(exp, args.top_k, args.combiner)
+    try:
+        if args.spec:
+            spec_path = Path(args.spec)
+            if not spec_path.exists() and (REPO_ROOT / "ensembles" / spec_path).exists():
+                spec_path = REPO_ROOT / "ensembles" / spec_path
+            raw = load_yaml(spec_path)
+            raw.setdefault("name", spec_path.stem)
+            if args.budget_gmacs is not None:
+                raw["budget_gmacs"] = args.budget_gmacs
+            out = run_ensemble(exp, EnsembleSpec.from_dict(raw, str(spec_path)))
+        elif args.budget_gmacs is not None:
+            out = budget_search(exp, args.budget_gmacs, args.select_split)
+            print(f"candidates and Pareto front: {exp / 'pareto.csv'}")
+        else:
+            out = ensemble_stage(exp, args.top_k, args.combiner)
+    except ProtocolError as e:
+        raise ConfigError(str(e)) from None
     print(json.dumps(out, indent=1, default=str)[:4000])
 
 
@@ -136,7 +145,36 @@ def cmd_flops(args) -> None:
     print(json.dumps(model_profile(args.model, img_size=args.img_size), indent=1))
 
 
+def _data_quality(args) -> None:
+    """``data check`` / ``data report``: duplicate audit (and EDA report) of one dataset."""
+    from fer_ray.data import load_data
+    from fer_ray.data.quality import check, summarize
+
+    cfg = DataConfig(path=args.path, format=args.format, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    t0 = time.perf_counter()
+    data = load_data(cfg)
+    t1 = time.perf_counter()
+    groups = check(data, threshold=args.threshold)
+    t2 = time.perf_counter()
+    print(f"{args.path}: {len(data)} images (load {t1 - t0:.1f}s, check {t2 - t1:.1f}s)")
+    for key, value in summarize(groups).items():
+        print(f"  {key:24s} {value}")
+    if args.data_cmd == "check" and args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        groups.to_csv(out, index=False) if out.suffix == ".csv" else groups.to_parquet(out, index=False)
+        print(f"wrote {out} ({len(groups)} rows)")
+    if args.data_cmd == "report":
+        from fer_ray.data.eda import write_eda
+
+        paths = write_eda(data, args.out, check_df=groups)
+        print(f"wrote {paths['html']} ({time.perf_counter() - t2:.1f}s)")
+
+
 def cmd_data(args) -> None:
+    if args.data_cmd in ("check", "report"):
+        _data_quality(args)
+        return
     if args.data_cmd == "synth":
         from fer_ray.data import synthetic
 
@@ -203,9 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("ensemble", help="combine stored TTA logits of the best trials")
     e.add_argument("results_dir")
     e.add_argument("--top-k", type=int, default=3)
-    e.add_argument("--combiner", default="mean_logits")
-    e.add_argument("--spec", help="ensembles/<name>.yaml")
-    e.add_argument("--budget-gmacs", type=float, help="most accurate ensemble (on the selection split) under X GMACs")
+    e.add_argument("--combiner", default="mean_logits",
+                   help="mean_logits, mean_probs, nll_weights, greedy or stacking (fitted on the selection split)")
+    e.add_argument("--spec", help="ensembles/<name>.yaml (a bare name is looked up in the repo's ensembles/)")
+    e.add_argument("--budget-gmacs", type=float,
+                   help="without --spec: search for the most accurate ensemble (on the selection split) costing "
+                        "<= X GMACs, write RESULTS_DIR/pareto.csv; with --spec: keep the top-ranked members that fit")
+    e.add_argument("--select-split", default="val", help="the split budget search selects on (role 'select')")
     e.set_defaults(func=cmd_ensemble)
 
     r = sub.add_parser("report", help="leaderboard CSV/Markdown + HTML report with plots")
@@ -232,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("path")
     dl.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
     dl.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
+    for name, help_ in (("check", "find exact/near duplicates, split leakage, label conflicts and blank images"),
+                        ("report", "write an EDA report (class balance, pixel stats, duplicates, samples; HTML)")):
+        dq = dsub.add_parser(name, help=help_, description=help_)
+        dq.add_argument("path", help="fer2013.csv, image-folder root or torchvision root")
+        dq.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
+        dq.add_argument("--threshold", type=int, default=4,
+                        help="largest perceptual-hash distance (bits of 64) counted as a near duplicate (default 4)")
+        dq.add_argument("--cache-dir", help="parquet cache of the loaded data (default .cache/fer_ray)")
+        dq.add_argument("--out", required=name == "report",
+                        help="groups table (.parquet or .csv)" if name == "check" else "output folder")
     da.set_defaults(func=cmd_data)
     return p
 

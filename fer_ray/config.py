@@ -74,12 +74,24 @@ class DataConfig(_Config):
     cache_dir: str | None = ".cache/fer_ray"
     on_bad_row: str = "error"
     """``error`` stops at the first malformed row; ``skip`` drops bad rows and reports how many."""
+    dedup: str = "none"
+    """Duplicate removal after loading (``fer_ray.data.quality.dedup``): ``none``; ``within`` keeps one image per
+    exact-duplicate group in each split; ``leakage`` drops Training images that exactly or nearly duplicate a
+    PublicTest/PrivateTest image; ``both``."""
+    near_dup_threshold: int = 4
+    group_duplicates: bool = True
+    """Carve ``val`` by exact-duplicate groups, so no pixel-identical pair straddles train/val."""
+    """Largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate."""
 
     def __post_init__(self) -> None:
         _check(self.format in ("auto", "csv", "folders", "torchvision"), "format", f"unknown {self.format!r}")
         _check(self.synthetic_n >= 70, "synthetic_n", f"must be >= 70, got {self.synthetic_n}")
         _check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.on_bad_row in ("error", "skip"), "on_bad_row", f"must be error or skip, got {self.on_bad_row!r}")
+        _check(self.dedup in ("none", "within", "leakage", "both"), "dedup",
+               f"must be none, within, leakage or both, got {self.dedup!r}")
+        _check(isinstance(self.near_dup_threshold, int) and 0 <= self.near_dup_threshold <= 16, "near_dup_threshold",
+               f"must be an integer in [0, 16], got {self.near_dup_threshold!r}")
 
 
 @dataclass

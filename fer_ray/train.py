@@ -48,7 +48,12 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
 def prepare_dataset(data_cfg: DataConfig) -> tuple[FERData, dict[str, np.ndarray]]:
     """Load (or draw) the dataset once and carve the run splits."""
     data = load_data(data_cfg)
-    return data, split_indices(data, data_cfg.val_fraction, data_cfg.split_seed)
+    groups = None
+    if data_cfg.group_duplicates:
+        from fer_ray.data.quality import exact_groups
+
+        groups = exact_groups(data)
+    return data, split_indices(data, data_cfg.val_fraction, data_cfg.split_seed, groups=groups)
 
 
 def put_dataset(data: FERData, splits: dict[str, np.ndarray]) -> ray.ObjectRef:

@@ -11,15 +11,24 @@ __all__ = ["CLASSES", "IMG_SIZE", "SPLITS", "USAGES", "DataError", "FERData", "l
 
 def load_data(cfg) -> FERData:
     """Load ``cfg.path`` (a ``DataConfig``), or when it is ``None`` draw the synthetic set, write it as a Kaggle
-    ``fer2013.csv`` under ``cfg.cache_dir`` (once) and load that file through the real CSV reader."""
+    ``fer2013.csv`` under ``cfg.cache_dir`` (once) and load that file through the real CSV reader. Then apply
+    ``cfg.dedup`` (``fer_ray.data.quality.dedup``), printing one line of what was dropped."""
     from fer_ray.data.ingest import load_dataset
 
     if cfg.path is not None:
-        return load_dataset(cfg.path, fmt=cfg.format, cache_dir=cfg.cache_dir, on_bad_row=cfg.on_bad_row)
-    from fer_ray.data import synthetic
+        data = load_dataset(cfg.path, fmt=cfg.format, cache_dir=cfg.cache_dir, on_bad_row=cfg.on_bad_row)
+    else:
+        from fer_ray.data import synthetic
 
-    root = Path(cfg.cache_dir or ".cache/fer_ray") / f"synthetic-n{cfg.synthetic_n}-s{cfg.synthetic_seed}"
-    csv = root / "fer2013.csv"
-    if not csv.is_file():
-        synthetic.write_csv(csv, synthetic.generate(cfg.synthetic_n, seed=cfg.synthetic_seed))
-    return load_dataset(csv, fmt="csv", cache_dir=cfg.cache_dir)
+        root = Path(cfg.cache_dir or ".cache/fer_ray") / f"synthetic-n{cfg.synthetic_n}-s{cfg.synthetic_seed}"
+        csv = root / "fer2013.csv"
+        if not csv.is_file():
+            synthetic.write_csv(csv, synthetic.generate(cfg.synthetic_n, seed=cfg.synthetic_seed))
+        data = load_dataset(csv, fmt="csv", cache_dir=cfg.cache_dir)
+    mode = getattr(cfg, "dedup", "none")
+    if mode != "none":
+        from fer_ray.data.quality import dedup, describe_dedup
+
+        data, info = dedup(data, mode, threshold=cfg.near_dup_threshold)
+        print(describe_dedup(info))
+    return data

@@ -65,23 +65,34 @@ class FERData:
         return cls(arrays["images"], arrays["labels"], arrays["usage"], np.asarray(arrays["ids"], dtype=object))
 
 
-def split_indices(data: FERData, val_fraction: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
+def split_indices(data: FERData, val_fraction: float = 0.1, seed: int = 0,
+                  groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Index arrays per run split: ``val`` is a seeded stratified sample of Training, ``train`` the rest.
 
     PublicTest and PrivateTest rows become ``public_test`` / ``private_test``; empty splits are omitted.
+    With ``groups`` (``[N]`` group id per image, e.g. ``quality.exact_groups``) whole groups are sampled:
+    each group's first Training image is drawn as above and its other Training images follow it, so no group
+    straddles train/val (``val`` may then be slightly larger). Without ``groups`` the result is unchanged.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     training = np.flatnonzero(data.usage == 0)
+    candidates = training
+    if groups is not None:
+        groups = np.asarray(groups)
+        candidates = training[np.unique(groups[training], return_index=True)[1]]
+        candidates.sort()
     val_parts = []
     for c in range(len(CLASSES)):
-        members = training[data.labels[training] == c]
+        members = candidates[data.labels[candidates] == c]
         k = int(round(len(members) * val_fraction))
         if val_fraction > 0 and len(members) >= 2:
             k = min(max(k, 1), len(members) - 1)
         val_parts.append(rng.choice(members, size=k, replace=False) if k else members[:0])
     val = np.sort(np.concatenate(val_parts)) if val_parts else training[:0]
+    if groups is not None:
+        val = training[np.isin(groups[training], groups[val])]
     out = {"train": np.setdiff1d(training, val, assume_unique=True), "val": val,
            "public_test": np.flatnonzero(data.usage == 1), "private_test": np.flatnonzero(data.usage == 2)}
     return {k: v for k, v in out.items() if len(v)}
