@@ -52,6 +52,9 @@ def run_all(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_cpu
         return None
     tta_stage(exp_dir)
     ensemble_stage(exp_dir, min(cfg.ensemble_top_k, len(trials)))
+    # Caruana greedy selection over every trial, on validation NLL, with temperature scaling (val only).
+    run_ensemble(exp_dir, EnsembleSpec(name="greedy_nll", members={"top_k": len(trials)}, combiner="greedy",
+                                       greedy_metric="nll", temperature=True))
     board = report_stage(exp_dir)
     print(format_table(board), flush=True)
     log_summary(cfg.wandb, cfg.wandb_project, exp_dir, trials, board)

@@ -9,6 +9,7 @@ import pytest
 
 from fer_ray.checkpoint import load_checkpoint
 from fer_ray.config import load_sweep
+from fer_ray.ensemble import reproduce_ensemble
 from fer_ray.metrics import softmax
 from fer_ray.pipeline import run_all
 from fer_ray.store import read_logits
@@ -54,14 +55,21 @@ def test_logit_store_matches_checkpoint_accuracy(experiment):
 def test_leaderboard_ensemble_recomputed_from_stored_logits(experiment):
     _, exp, board = experiment
     board = pd.read_csv(exp / "report" / "leaderboard.csv")
-    ens = board[board.kind == "ensemble"]
-    assert len(ens) == 1
-    row = ens.iloc[0]
+    ens = board[board.kind == "ensemble"].set_index("name")
+    assert sorted(ens.index) == ["greedy_nll", "top2_mean_logits"]
+    row = ens.loc["top2_mean_logits"].copy()
+    row["name"] = "top2_mean_logits"
     members = json.loads((exp / "ensembles" / f"{row['name']}.json").read_text())["members"]
     for split in ("val", "public_test"):
         stacks = [read_logits(exp / "logits" / m / f"{split}.parquet") for m in members]
         mean = np.mean([s.logits.mean(0) for s in stacks], axis=0)
         acc = float((softmax(mean).argmax(1) == stacks[0].labels).mean())
         assert row[f"acc_{split}"] == pytest.approx(acc, abs=1e-6)
+    # greedy_nll: rebuilt from the weights and temperatures in its json alone (nothing refitted).
+    for split in ("val", "public_test"):
+        logits = reproduce_ensemble(exp, "greedy_nll", split)
+        labels = read_logits(exp / "logits" / "ensemble:greedy_nll" / f"{split}.parquet").labels
+        assert ens.loc["greedy_nll", f"acc_{split}"] == pytest.approx(float((logits.argmax(1) == labels).mean()),
+                                                                      abs=1e-6)
     assert (board.kind == "model").sum() == 2
     assert (exp / "report" / "leaderboard.md").read_text().count("|") > 10
