@@ -2,7 +2,8 @@
 
 ``fer-ray demo`` runs everything on the synthetic set; ``sweep`` runs a sweep file end to end (or resumes
 one); ``train`` runs one Ray Train job; ``tta``, ``ensemble`` and ``report`` re-run later stages on an
-existing experiment folder; ``models``/``flops`` inspect the registry; ``data`` writes or summarises data.
+existing experiment folder; ``evaluate`` scores it on another dataset; ``distill`` trains a student of one of
+its ensembles; ``models``/``flops`` inspect the registry; ``data`` writes or summarises data.
 Bad input exits with status 2 and one line naming the file or field.
 """
 
@@ -19,6 +20,7 @@ import yaml
 from fer_ray.checkpoint import CheckpointError
 from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
 from fer_ray.data import DataError
+from fer_ray.store import StoreError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +122,23 @@ def cmd_ensemble(args) -> None:
     except ProtocolError as e:
         raise ConfigError(str(e)) from None
     print(json.dumps(out, indent=1, default=str)[:4000])
+
+
+def cmd_evaluate(args) -> None:
+    from fer_ray.evaluate import evaluate_external
+    from fer_ray.report import format_table
+
+    board = evaluate_external(Path(args.results_dir), args.data, name=args.name, fmt=args.format)
+    print(format_table(board))
+
+
+def cmd_distill(args) -> None:
+    from fer_ray.distill import distill
+
+    row = distill(Path(args.results_dir), args.ensemble, args.student, epochs=args.epochs,
+                  temperature=args.temperature, alpha=args.alpha, img_size=args.img_size, name=args.name,
+                  num_workers=args.workers, batch_size=args.batch_size, lr=args.lr, num_cpus=args.num_cpus)
+    print(row.to_string())
 
 
 def cmd_report(args) -> None:
@@ -250,6 +269,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--select-split", default="val", help="the split budget search selects on (role 'select')")
     e.set_defaults(func=cmd_ensemble)
 
+    ev_help = ("score every stored trial and ensemble on another dataset (all its images, any Usage) as a new "
+               "report-only split; no retraining, no refitting; the leaderboard gains acc_NAME etc.")
+    ev = sub.add_parser("evaluate", help=ev_help, description=ev_help)
+    ev.add_argument("results_dir", help="experiment folder (results/<name>)")
+    ev.add_argument("--data", required=True, help="dataset path (csv, image folders, torchvision layout)")
+    ev.add_argument("--name", help="split name (default: ext_<file or folder stem>)")
+    ev.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
+    ev.set_defaults(func=cmd_evaluate)
+
+    di_help = ("distil a built ensemble into one student: teacher = the ensemble's TTA logits on the train split "
+               "(from its stored fitted numbers), loss = alpha*T^2*KL + (1-alpha)*CE, trained under Ray Train, "
+               "selected on val, scored with TTA as member distill:<student> and added to the leaderboard")
+    di = sub.add_parser("distill", help=di_help, description=di_help)
+    di.add_argument("results_dir", help="experiment folder (results/<name>)")
+    di.add_argument("--ensemble", required=True, help="name of a built ensemble (ensembles/<name>.json there)")
+    di.add_argument("--student", required=True, help="registry name or timm/<name> (see `fer-ray models`)")
+    di.add_argument("--epochs", type=int, help="default: the sweep's train.epochs")
+    di.add_argument("--temperature", type=float, default=4.0, help="KD softmax temperature T (default 4)")
+    di.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term; 0 = plain CE (default 0.9)")
+    di.add_argument("--img-size", type=int, help="student input size (default: the model's)")
+    di.add_argument("--batch-size", type=int)
+    di.add_argument("--lr", type=float)
+    di.add_argument("--workers", type=int, default=0, help="DDP workers (default 0: Ray Train local mode)")
+    di.add_argument("--name", help="member name suffix (default: the student name)")
+    di.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all); ignored with RAY_ADDRESS")
+    di.set_defaults(func=cmd_distill)
+
     r = sub.add_parser("report", help="leaderboard CSV/Markdown + HTML report with plots")
     r.add_argument("results_dir")
     r.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
@@ -294,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("sweep: give a sweep file or --resume RESULTS_DIR")
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, yaml.YAMLError) as e:
+    except (ConfigError, DataError, CheckpointError, StoreError, yaml.YAMLError) as e:
         print(f"fer-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -169,6 +169,11 @@ class TrainConfig(_Config):
     freeze_epochs: int = 0
     """Train only the head for this many epochs (models with ``freeze_backbone``), then everything."""
     eval_batch_size: int = 512
+    distill_alpha: float = 0.0
+    """Weight α of the knowledge-distillation term (``fer-ray distill``): loss = α·T²·KL(teacher ‖ student at T)
+    + (1-α)·CE; needs teacher logits in the shared dataset. 0 turns it off."""
+    distill_temperature: float = 4.0
+    """Softmax temperature T of the distillation term."""
     seed: int = 0
     num_workers: int = 2
     """DDP workers (Ray Train actors); 0 runs the loop in-process (Ray Train local mode)."""
@@ -192,6 +197,10 @@ class TrainConfig(_Config):
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(self.mixup >= 0 and self.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0")
+        _check(0 <= self.distill_alpha <= 1, "distill_alpha", f"must be in [0, 1], got {self.distill_alpha}")
+        _check(self.distill_temperature > 0, "distill_temperature", f"must be > 0, got {self.distill_temperature}")
+        _check(not (self.distill_alpha > 0 and (self.mixup > 0 or self.cutmix > 0)), "distill_alpha",
+               "distillation cannot be combined with mixup/cutmix (no teacher logits for mixed images)")
         _check(self.early_stopping is None or self.early_stopping >= 1, "early_stopping", "must be >= 1 or null")
         _check(0 <= self.freeze_epochs < self.epochs, "freeze_epochs", f"must be in [0, epochs), got "
                f"{self.freeze_epochs}")
@@ -244,6 +253,13 @@ class SweepConfig(_Config):
         _check(self.mode in ("max", "min"), "mode", "must be max or min")
         _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
         _check(self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1")
+        from fer_ray.tta import parse_view  # validated here so a bad view fails before hours of training
+
+        for view in self.tta_views:
+            try:
+                parse_view(str(view))
+            except ValueError as e:
+                raise ConfigError(f"tta_views: {e} (quote views with commas in YAML: \"shift2,0\")") from None
         base = self.train.to_dict()
         for key, spec in self.search_space.items():
             _check(_has_path(base, key), f"search_space.{key}", "is not a train config field")

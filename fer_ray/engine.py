@@ -83,7 +83,11 @@ def class_balance(labels: torch.Tensor, num_classes: int = 7) -> torch.Tensor:
 
 
 class LossFn:
-    """Cross-entropy with optional label smoothing, class weights and timm Mixup/CutMix soft targets."""
+    """Cross-entropy with optional label smoothing, class weights and timm Mixup/CutMix soft targets.
+
+    With ``cfg.distill_alpha`` = α > 0 and teacher logits passed to ``__call__``, the loss is
+    α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1-α)·CE (Hinton et al. 2015), T = ``cfg.distill_temperature``.
+    """
 
     def __init__(self, cfg: TrainConfig, train_labels: torch.Tensor, num_classes: int = 7):
         from timm.data import Mixup
@@ -98,7 +102,17 @@ class LossFn:
             return x, y
         return self.mixup(x, y)
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        hard = self._hard(logits, target)
+        alpha = self.cfg.distill_alpha
+        if teacher is None or alpha == 0:
+            return hard
+        t = self.cfg.distill_temperature
+        kl = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                      reduction="batchmean", log_target=True)
+        return alpha * t * t * kl + (1 - alpha) * hard
+
+    def _hard(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.dim() == 2:  # soft targets from Mixup/CutMix
             per_sample = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
             if self.weight is not None:
@@ -119,8 +133,11 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                     preprocess: nn.Module, augment: nn.Module, cfg: TrainConfig, epoch: int, *, rank: int = 0,
                     world_size: int = 1, scaler: torch.amp.GradScaler | None = None,
-                    loss_fn: LossFn | None = None) -> dict[str, float]:
-    """One pass over this rank's shard; returns ``train_loss``, ``train_acc``, ``images``, ``train_time_s``."""
+                    loss_fn: LossFn | None = None, teacher: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass over this rank's shard; returns ``train_loss``, ``train_acc``, ``images``, ``train_time_s``.
+
+    ``teacher``: optional ``[N, C]`` teacher logits aligned with ``images``, for ``LossFn``'s distillation term.
+    """
     model.train()
     device = images.device
     amp_dtype = autocast_dtype(cfg, device)
@@ -139,7 +156,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
             logits = model(x)
-            loss = loss_fn(logits, target)
+            loss = loss_fn(logits, target) if teacher is None else loss_fn(logits, target, teacher[idx])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

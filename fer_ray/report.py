@@ -38,12 +38,29 @@ def _report_split(roles: dict[str, str]) -> str | None:
     return next((s for s in SPLIT_ORDER if roles.get(s) == "report"), None)
 
 
+def split_order(roles: dict[str, str]) -> list[str]:
+    """Scored splits in leaderboard order: ``SPLIT_ORDER``, then other non-fit splits (``fer-ray evaluate``)."""
+    return [s for s in SPLIT_ORDER if s in roles] + [s for s, r in roles.items() if s not in SPLIT_ORDER and r != "fit"]
+
+
+def member_table(results_dir: str | Path) -> pd.DataFrame:
+    """``trials.parquet`` plus distilled students (``distilled.parquet``, ``fer-ray distill``), indexed by trial_id.
+
+    Column ``kind`` is ``model`` for sweep trials and ``distill`` for students.
+    """
+    exp = Path(results_dir)
+    parts = [pd.read_parquet(exp / "trials.parquet").assign(kind="model")]
+    if (exp / "distilled.parquet").is_file():
+        parts.append(pd.read_parquet(exp / "distilled.parquet").assign(kind="distill"))
+    return pd.concat(parts, ignore_index=True).set_index("trial_id")
+
+
 def leaderboard(results_dir: str | Path) -> pd.DataFrame:
     """One row per stored model and ensemble, metrics per split, sorted by selection-split accuracy."""
     exp = Path(results_dir)
     roles = _roles(exp)
     select = next(s for s, r in roles.items() if r == "select")
-    trials = pd.read_parquet(exp / "trials.parquet").set_index("trial_id")
+    trials = member_table(exp)
     store = load_store(exp)
     rows = []
     for member, per_split in store.items():
@@ -59,10 +76,10 @@ def leaderboard(results_dir: str | Path) -> pd.DataFrame:
                    "selected_on": info.get("selected_on", select)}
         else:
             t = trials.loc[member]
-            row = {"name": member, "kind": "model", "members": member, "arch": t.arch, "img_size": str(t.img_size),
+            row = {"name": member, "kind": t.kind, "members": member, "arch": t.arch, "img_size": str(t.img_size),
                    "tta_views": len(any_set.views), "params": int(t.params), "gmacs": float(t.gmacs),
                    "total_gmacs": float(t.gmacs) * len(any_set.views), "combiner": "", "selected_on": select}
-        for split in SPLIT_ORDER:
+        for split in split_order(roles):
             if split in per_split:
                 m = classification_metrics(member_logits(per_split[split], None), per_split[split].labels)
                 row |= {f"acc_{split}": m["accuracy"], f"macro_f1_{split}": m["macro_f1"], f"nll_{split}": m["nll"],
@@ -174,13 +191,15 @@ def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, s
     select, report = next(s for s, r in roles.items() if r == "select"), _report_split(roles)
     figs = {}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for kind, marker in (("model", "o"), ("ensemble", "*")):
+    for kind, marker in (("model", "o"), ("distill", "D"), ("ensemble", "*")):
         sub = board[board.kind == kind]
-        ax.scatter(sub.total_gmacs, sub[f"acc_{select}"], marker=marker, s=60 if kind == "model" else 160,
+        if sub.empty:
+            continue
+        ax.scatter(sub.total_gmacs, sub[f"acc_{select}"], marker=marker, s=60 if kind != "ensemble" else 160,
                    label=f"{kind} ({select})")
         if report:
             ax.scatter(sub.total_gmacs, sub[f"acc_{report}"], marker=marker, facecolors="none", edgecolors="grey",
-                       s=60 if kind == "model" else 160, label=f"{kind} ({report})")
+                       s=60 if kind != "ensemble" else 160, label=f"{kind} ({report})")
     pts = board[["total_gmacs", f"acc_{select}"]].to_numpy(dtype=float)
     front = pts[_pareto(pts)]
     ax.step(front[:, 0], front[:, 1], where="post", color="C3", lw=1, label=f"Pareto front ({select})")

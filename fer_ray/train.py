@@ -56,9 +56,14 @@ def prepare_dataset(data_cfg: DataConfig) -> tuple[FERData, dict[str, np.ndarray
     return data, split_indices(data, data_cfg.val_fraction, data_cfg.split_seed, groups=groups)
 
 
-def put_dataset(data: FERData, splits: dict[str, np.ndarray]) -> ray.ObjectRef:
-    """One object-store copy of the arrays and split indices, shared zero-copy by all trials and workers."""
-    return ray.put({**data.to_arrays(), "splits": splits})
+def put_dataset(data: FERData, splits: dict[str, np.ndarray],
+                teacher_logits: np.ndarray | None = None) -> ray.ObjectRef:
+    """One object-store copy of the arrays and split indices, shared zero-copy by all trials and workers.
+
+    ``teacher_logits``: optional float32 ``[len(splits["train"]), C]`` for distillation (``fer_ray.distill``).
+    """
+    extra = {} if teacher_logits is None else {"teacher_logits": np.asarray(teacher_logits, dtype=np.float32)}
+    return ray.put({**data.to_arrays(), "splits": splits, **extra})
 
 
 def _device_tensors(arrays: dict, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +117,10 @@ def train_loop_per_worker(config: dict) -> None:
     train_x, train_y = _device_tensors(arrays, "train", device)
     val_x, val_y = _device_tensors(arrays, "val", device)
     loss_fn = engine.LossFn(cfg, train_y)
+    teacher = arrays.get("teacher_logits")
+    if cfg.distill_alpha > 0 and teacher is None:
+        raise ValueError("distill_alpha > 0 needs teacher_logits in the shared dataset (use `fer-ray distill`)")
+    teacher = torch.from_numpy(np.array(teacher, dtype=np.float32)).to(device) if teacher is not None else None
     run_config = dict(cfg.to_dict(), img_size=fer_cfg["img_size"], in_chans=fer_cfg["in_chans"])
     startup_s = time.time() - config.get("t_start", time.time())  # trial/run start → first batch
 
@@ -120,7 +129,8 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.freeze_epochs and epoch == cfg.freeze_epochs:  # phase 2: unfreeze, re-wrap DDP, new optimizer
             model, optimizer, scheduler = _phase(module, cfg, world, frozen=False)
         metrics = engine.train_one_epoch(model, train_x, train_y, optimizer, preprocess, augment, cfg, epoch,
-                                         rank=rank, world_size=world, scaler=scaler, loss_fn=loss_fn)
+                                         rank=rank, world_size=world, scaler=scaler, loss_fn=loss_fn,
+                                         teacher=teacher)
         metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
                     "img_size": fer_cfg["img_size"], "world_size": world, "startup_s": startup_s}

@@ -4,7 +4,8 @@ import pytest
 
 from fer_ray.cli import build_parser, main
 
-COMMANDS = [None, "sweep", "demo", "train", "tta", "ensemble", "report", "models", "flops", "data"]
+COMMANDS = [None, "sweep", "demo", "train", "tta", "ensemble", "evaluate", "distill", "report", "models", "flops",
+            "data"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c or "top" for c in COMMANDS])

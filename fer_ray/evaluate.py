@@ -1,0 +1,163 @@
+"""Scoring a finished experiment on another dataset: a new report-only split, with no retraining and no refitting.
+
+``evaluate_external`` owns this: it loads any dataset the loaders read (``fer_ray.data.ingest.load_dataset``);
+every image, whatever its ``Usage``, becomes one new split ``NAME`` (default ``ext_<stem of the path>``) with role
+``report`` in ``split_roles.json``, so nothing is ever selected or fitted on it (``check_role`` refuses). Every
+stored member (sweep trials and distilled students) is scored from its verified checkpoint with the TTA views it
+already has, into ``logits/<member>/<NAME>.parquet``; every ensemble in ``ensembles/*.json`` is rebuilt on the
+split from its stored fitted numbers (``reproduce_ensemble``) into ``logits/ensemble:<name>/<NAME>.parquet``; the
+report is rewritten, so the leaderboard gains ``acc_<NAME>``, ``macro_f1_<NAME>``, ... columns. The source of
+each external split is recorded under ``external`` in ``data.json`` (``fer-ray distill`` re-reads it to score a
+new student there too).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from fer_ray.checkpoint import atomic_write_text
+from fer_ray.config import ConfigError, load_sweep
+from fer_ray.data import CLASSES, SPLITS, FERData
+from fer_ray.ensemble import reproduce_ensemble
+from fer_ray.metrics import classification_metrics
+from fer_ray.report import member_table, write_report
+from fer_ray.store import read_logits, write_logits
+from fer_ray.tta import fill_store
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def default_split_name(path: str | Path) -> str:
+    """``ext_<stem>`` for a file, ``ext_<folder name>`` for a folder, with other characters replaced by ``_``."""
+    p = Path(path)
+    stem = p.stem if p.suffix and not p.is_dir() else p.name
+    return "ext_" + (re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "data")
+
+
+def _check_name(exp: Path, name: str, roles: dict[str, str], external: dict) -> None:
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a file name)")
+    if name in SPLITS or (name in roles and name not in external):
+        raise ConfigError(f"--name {name!r}: {exp} already has a split of that name (role {roles.get(name)!r}); "
+                          "choose another name")
+
+
+def _views_of(exp: Path, member: str, roles: dict[str, str]) -> list[str]:
+    """The TTA views ``member`` was stored with (read from any of its non-ensemble store files)."""
+    for split in [s for s, r in roles.items() if r == "select"] + list(roles):
+        path = exp / "logits" / member / f"{split}.parquet"
+        if path.is_file():
+            return list(read_logits(path).views)
+    raise ConfigError(f"{exp}: member {member!r} has no stored logits (run `fer-ray tta` first)")
+
+
+def _drop_stale(path: Path, ids: np.ndarray) -> None:
+    """Remove a stored file of this split whose image ids differ (same name reused for another dataset)."""
+    if path.is_file():
+        stored = pq.read_table(path, columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False)
+        n = len(ids)
+        if len(stored) % max(n, 1) or not np.array_equal(stored[:n].astype(str), ids):
+            path.unlink()
+
+
+def score_members(exp: Path, data: FERData, name: str, members: pd.DataFrame, progress: bool = True) -> list[Path]:
+    """TTA logits of each row of ``members`` (a ``member_table`` slice) on all of ``data`` as split ``name``.
+
+    Members with nothing in the store yet (never TTA-scored) are skipped: the leaderboard lists stored ones only.
+    """
+    roles = json.loads((exp / "split_roles.json").read_text())
+    ids = data.ids.astype(str)
+    by_views: dict[tuple, list[str]] = {}
+    for member in [m for m in members.index if (exp / "logits" / m).is_dir()]:
+        _drop_stale(exp / "logits" / member / f"{name}.parquet", ids)
+        by_views.setdefault(tuple(_views_of(exp, member, roles)), []).append(member)
+    written = []
+    for views, group in by_views.items():
+        rows = members.loc[group].reset_index()
+        written += fill_store(exp, data, {name: np.arange(len(data))}, list(views), {name: "report"}, trials=rows,
+                              progress=progress)
+    return written
+
+
+def rebuild_ensembles(exp: Path, name: str) -> dict[str, dict]:
+    """Each ``ensembles/<e>.json`` applied to split ``name`` from its stored fitted numbers; returns metrics per e."""
+    out = {}
+    for path in sorted((exp / "ensembles").glob("*.json")):
+        info = json.loads(path.read_text())
+        logits = reproduce_ensemble(exp, info["name"], name)
+        ref = read_logits(exp / "logits" / info["members"][0] / f"{name}.parquet")
+        write_logits(exp / "logits" / f"ensemble:{info['name']}" / f"{name}.parquet", logits[None], ref.labels, ref.ids,
+                     ["combined"],
+                     {"member": f"ensemble:{info['name']}", "kind": "ensemble", "members": info["members"],
+                      "views": ["combined"], "member_views": info["views"], "split": name, "role": "report",
+                      "combiner": info["combiner"], "selected_on": info.get("selected_on"),
+                      "gmacs_per_view": info["total_gmacs"], "reproduced": True})
+        metrics = {k: v for k, v in classification_metrics(logits, ref.labels).items() if k != "confusion"}
+        info.setdefault("metrics", {})[name] = metrics
+        atomic_write_text(path, json.dumps(info, indent=1))
+        out[info["name"]] = metrics
+    return out
+
+
+def register_split(exp: Path, name: str, data: FERData, source: str, fmt: str) -> None:
+    """Record ``name`` as a ``report`` split in ``split_roles.json`` and its source under ``external`` in data.json."""
+    roles = json.loads((exp / "split_roles.json").read_text())
+    roles[name] = "report"
+    atomic_write_text(exp / "split_roles.json", json.dumps(roles, indent=1))
+    info = json.loads((exp / "data.json").read_text()) if (exp / "data.json").is_file() else {}
+    info.setdefault("external", {})[name] = {
+        "source": source, "format": fmt, "n": len(data),
+        "class_counts": np.bincount(data.labels, minlength=len(CLASSES)).tolist()}
+    atomic_write_text(exp / "data.json", json.dumps(info, indent=1))
+
+
+def external_splits(exp: Path) -> dict[str, dict]:
+    """The external splits recorded in ``data.json`` (name → source, format, n, class counts)."""
+    path = Path(exp) / "data.json"
+    return json.loads(path.read_text()).get("external", {}) if path.is_file() else {}
+
+
+def load_external(exp: Path, source: str, fmt: str = "auto") -> FERData:
+    """Every image of ``source`` (all usages), read through the experiment's data cache."""
+    from fer_ray.data.ingest import load_dataset
+
+    cache = load_sweep(exp / "sweep.yaml").data.cache_dir
+    return load_dataset(source, fmt=fmt, cache_dir=cache)
+
+
+def evaluate_external(results_dir: str | Path, data_path: str | Path, name: str | None = None, fmt: str = "auto",
+                      progress: bool = True) -> pd.DataFrame:
+    """Score every stored member and ensemble of an experiment on another dataset; rewrite the report.
+
+    Args:
+        results_dir: The experiment folder (``results/<name>``).
+        data_path: Any dataset ``load_dataset`` reads; all of its images form the new split.
+        name: Split name (default ``default_split_name(data_path)``); must not clash with the run's own splits.
+        fmt: ``auto``, ``csv``, ``folders`` or ``torchvision``.
+        progress: Print one line per scored member.
+
+    Returns:
+        The rewritten leaderboard (``report/leaderboard.csv``).
+
+    Raises:
+        ConfigError: A clashing or unusable name, or members without stored logits.
+        DataError: The dataset cannot be read.
+    """
+    exp = Path(results_dir)
+    name = name or default_split_name(data_path)
+    roles = json.loads((exp / "split_roles.json").read_text())
+    external = external_splits(exp)
+    _check_name(exp, name, roles, external)
+    data = load_external(exp, str(data_path), fmt)
+    register_split(exp, name, data, str(Path(data_path).absolute()), fmt)  # role first: never selectable
+    members = member_table(exp)
+    score_members(exp, data, name, members, progress=progress)
+    rebuild_ensembles(exp, name)
+    paths = write_report(exp, exp / "report")
+    return pd.read_csv(paths["csv"])
