@@ -65,3 +65,9 @@ def test_set_path_copies():
     d = {"a": {"b": 1}, "c": 2}
     assert set_path(d, "a.b", 3) == {"a": {"b": 3}, "c": 2}
     assert d["a"]["b"] == 1
+
+
+def test_tta_views_are_checked_when_the_sweep_is_read():
+    assert SweepConfig.from_dict({"name": "x", "tta_views": ["identity", "hflip+rot10", "shift2,0"]})
+    with pytest.raises(ConfigError, match=r"tta_views: unknown TTA view 'shift2'.*quote views"):
+        SweepConfig.from_dict({"name": "x", "tta_views": ["shift2", 0]})  # what unquoted `shift2,0` parses to
