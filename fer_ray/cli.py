@@ -72,6 +72,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from fer_ray.placement import place_in_cluster
     from fer_ray.sweep import collect_trials, write_setup
     from fer_ray.train import init_ray, make_trainer, prepare_dataset, put_dataset
 
@@ -81,14 +82,16 @@ def cmd_train(args) -> None:
         "lr": args.lr, "num_workers": args.workers, "use_gpu": args.gpu or None}.items() if v is not None}
     data = raw.get("data", {}) | ({"path": args.data} if args.data else {})
     cfg = SweepConfig.from_dict({"name": args.name, "data": data, "train": train, "num_samples": 1,
-                                 "asha": {"max_t": train.get("epochs", TrainConfig().epochs)}}, "train")
+                                 "asha": {"max_t": train.get("epochs", TrainConfig().epochs)},
+                                 "placement": raw.get("placement", {})}, "train")
     exp_dir = (Path(args.out) / cfg.name).absolute()
     data_obj, splits = prepare_dataset(cfg.data)
     write_setup(cfg, exp_dir, data_obj, splits)
     init_ray(num_cpus=args.num_cpus)
     run_id = time.strftime("run_%Y%m%d_%H%M%S")
-    make_trainer(cfg.train, put_dataset(data_obj, splits), exp_dir / "trials" / run_id, exp_dir / "train",
-                 name=run_id).fit()
+    rule = cfg.rule_for(cfg.train.model)
+    make_trainer(place_in_cluster(cfg.train, rule), put_dataset(data_obj, splits), exp_dir / "trials" / run_id,
+                 exp_dir / "train", name=run_id, batch_size_cap=rule.batch_size_cap if rule else None).fit()
     print(collect_trials(exp_dir).drop(columns=["config"]).to_string(index=False))
 
 

@@ -8,6 +8,7 @@ dotted ``train`` field names (``lr``, ``augment.strength``) mapped to ``{choice|
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,9 @@ class TrainConfig(_Config):
     """DDP workers (Ray Train actors); 0 runs the loop in-process (Ray Train local mode)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    accelerator_type: str | None = None
+    """Ray accelerator type every worker runs on (``A100``, ``GeForce-RTX-3090``): ``ScalingConfig(accelerator_type)``.
+    ``None`` lets the sweep's ``placement`` rules pick one per trial (``fer_ray.placement``)."""
 
     def __post_init__(self) -> None:
         from fer_ray.models import is_model
@@ -204,8 +208,64 @@ class TrainConfig(_Config):
         _check(self.early_stopping is None or self.early_stopping >= 1, "early_stopping", "must be >= 1 or null")
         _check(0 <= self.freeze_epochs < self.epochs, "freeze_epochs", f"must be in [0, epochs), got "
                f"{self.freeze_epochs}")
+        _check(self.accelerator_type is None or _is_type_name(self.accelerator_type), "accelerator_type",
+               f"must be a Ray accelerator type name like A100 or GeForce-RTX-3090, got {self.accelerator_type!r}")
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment, "augment")
+
+
+def _is_type_name(name: object) -> bool:
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None
+
+
+@dataclass
+class PlacementRule(_Config):
+    """Where one architecture's GPU trials may run (``SweepConfig.placement``; see ``fer_ray.placement``)."""
+
+    accelerator_type: list[str] | None = None
+    """Allowed Ray accelerator types (``A100``, ``GeForce-RTX-3090``), in order of preference; ``None``: any."""
+    min_gpu_memory_gb: float | None = None
+    """Keep only types whose memory (``fer_ray.placement.GPU_MEMORY_GB``) is at least this many GB."""
+    batch_size_cap: dict[str, int] = field(default_factory=dict)
+    """Accelerator type → largest per-GPU batch on it; workers there train with min(batch_size, cap × workers)."""
+
+    def __post_init__(self) -> None:
+        from fer_ray.placement import GPU_MEMORY_GB
+
+        if isinstance(self.accelerator_type, str):
+            self.accelerator_type = [self.accelerator_type]
+        types = self.accelerator_type
+        _check(types is None or (isinstance(types, list) and types and all(_is_type_name(t) for t in types)),
+               "accelerator_type", f"must be a non-empty list of Ray accelerator type names, got {types!r}")
+        mem = self.min_gpu_memory_gb
+        _check(mem is None or (isinstance(mem, int | float) and mem > 0), "min_gpu_memory_gb",
+               f"must be > 0, got {mem!r}")
+        unknown = [t for t in types or [] if t not in GPU_MEMORY_GB]
+        if mem is not None and unknown:
+            raise ConfigError(f"accelerator_type: memory of {unknown[0]!r} unknown (known: "
+                              f"{', '.join(GPU_MEMORY_GB)}); drop min_gpu_memory_gb or list only known types")
+        caps = self.batch_size_cap
+        _check(isinstance(caps, dict) and all(_is_type_name(k) and isinstance(v, int) and v >= 1
+                                              for k, v in caps.items()),
+               "batch_size_cap", f"must map accelerator type names to batch sizes >= 1, got {caps!r}")
+        _check(self.allowed() != [], "min_gpu_memory_gb", f"no allowed GPU type has >= {mem} GB")
+
+    def allowed(self) -> list[str] | None:
+        """The allowed accelerator types after the memory rule, ``None`` for any."""
+        if self.min_gpu_memory_gb is None:
+            return self.accelerator_type
+        from fer_ray.placement import GPU_MEMORY_GB
+
+        return [t for t in self.accelerator_type or list(GPU_MEMORY_GB) if GPU_MEMORY_GB[t] >= self.min_gpu_memory_gb]
+
+    def merged(self, default: PlacementRule | None) -> PlacementRule:
+        """This rule with the fields it leaves out taken from ``default`` (batch caps: per type)."""
+        if default is None:
+            return self
+        return PlacementRule(
+            accelerator_type=self.accelerator_type if self.accelerator_type is not None else default.accelerator_type,
+            min_gpu_memory_gb=default.min_gpu_memory_gb if self.min_gpu_memory_gb is None else self.min_gpu_memory_gb,
+            batch_size_cap={**default.batch_size_cap, **self.batch_size_cap})
 
 
 _SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
@@ -247,8 +307,12 @@ class SweepConfig(_Config):
     wandb: bool = False
     """Log trials and the leaderboard to Weights & Biases (offline mode without an API key)."""
     wandb_project: str = "fer_ray"
+    placement: dict = field(default_factory=dict)
+    """GPU trials: model name (or ``default``) → ``PlacementRule`` (``accelerator_type`` list,
+    ``min_gpu_memory_gb``, ``batch_size_cap``); a trial's DDP group never mixes GPU types (``fer_ray.placement``)."""
 
     def __post_init__(self) -> None:
+        self._check_placement()
         _check(self.num_samples >= 1, "num_samples", "must be >= 1")
         _check(self.mode in ("max", "min"), "mode", "must be max or min")
         _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
@@ -277,6 +341,32 @@ class SweepConfig(_Config):
                         raise ConfigError(f"search_space.{key}: value {v!r} is invalid ({e})") from None
         if self.asha.max_t > self.train.epochs:
             raise ConfigError(f"asha.max_t ({self.asha.max_t}) exceeds train.epochs ({self.train.epochs})")
+
+    def _check_placement(self) -> None:
+        from fer_ray.models import is_model
+
+        _check(isinstance(self.placement, dict), "placement", "must map model names (or default) to rules")
+        rules = {}
+        for arch, rule in self.placement.items():
+            _check(arch == "default" or is_model(str(arch)), f"placement.{arch}",
+                   "is not a model name (see `fer-ray models`) or default")
+            _check(isinstance(rule, dict | PlacementRule), f"placement.{arch}", f"must be a mapping, got {rule!r}")
+            if isinstance(rule, dict):
+                rule = PlacementRule.from_dict(rule, f"placement.{arch}")
+            rules[arch] = rule
+        for arch, rule in rules.items():
+            if arch != "default":
+                try:
+                    rule.merged(rules.get("default"))
+                except ConfigError as e:
+                    raise ConfigError(f"placement.{arch} with default: {e}") from None
+        self.placement = rules
+
+    def rule_for(self, model: str) -> PlacementRule | None:
+        """The placement rule of ``model`` (merged with ``default``), or ``None``."""
+        default = self.placement.get("default")
+        rule = self.placement.get(model)
+        return rule.merged(default) if rule else default
 
 
 def _has_path(d: dict, dotted: str) -> bool:

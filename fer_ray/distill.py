@@ -129,6 +129,7 @@ def distill(results_dir: str | Path, ensemble: str, student: str, *, epochs: int
         reproduce the stored ensemble.
     """
     from fer_ray.evaluate import external_splits, load_external, score_members
+    from fer_ray.placement import place_in_cluster
     from fer_ray.train import init_ray, make_trainer, prepare_dataset, put_dataset
 
     exp = Path(results_dir).absolute()
@@ -155,8 +156,10 @@ def distill(results_dir: str | Path, ensemble: str, student: str, *, epochs: int
         print(f"[distill] teacher ensemble:{ensemble} ({len(info['members'])} members × {len(info['views'])} views)"
               f" on {len(tr)} train images: {time.perf_counter() - t0:.1f}s", flush=True)
     init_ray(num_cpus=num_cpus)
-    make_trainer(cfg, put_dataset(data, splits, soft), run_dir, exp / "train",
-                 name=f"distill_{safe}_{time.strftime('%Y%m%d_%H%M%S')}").fit()
+    rule = sweep.rule_for(cfg.model)
+    make_trainer(place_in_cluster(cfg, rule), put_dataset(data, splits, soft), run_dir, exp / "train",
+                 name=f"distill_{safe}_{time.strftime('%Y%m%d_%H%M%S')}",
+                 batch_size_cap=rule.batch_size_cap if rule else None).fit()
 
     row = _student_row(member, run_dir, cfg, ensemble)
     _record(exp, row)

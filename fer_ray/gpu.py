@@ -3,7 +3,8 @@
 torch 2.14.1's CUDA 13 wheels ship kernels for sm_75 and newer, so a GTX 1080 Ti (sm_61) fails deep inside
 the first convolution with "no kernel image is available". Each training worker calls ``preflight`` first and
 fails fast instead, naming the GPU, its compute capability and what the build supports. Precision per device
-is decided in ``fer_ray.engine.autocast_dtype`` (AMP only on tensor-core GPUs, compute capability >= 7.0).
+is decided in ``fer_ray.engine.autocast_dtype`` (AMP only on tensor-core GPUs, compute capability >= 7.0);
+``accelerator_type`` names the GPU the way Ray does, for the per-type batch caps of ``fer_ray.placement``.
 """
 
 from __future__ import annotations
@@ -43,3 +44,12 @@ def preflight(device: torch.device) -> None:
             f"{torch.__version__} (CUDA {torch.version.cuda}; kernels for {', '.join(archs)}); run it with a torch "
             f"build that includes sm_{cap[0]}{cap[1]} (e.g. a CUDA 12.6 wheel) on every rank, or keep trials off "
             f"this GPU with ScalingConfig accelerator_type / CUDA_VISIBLE_DEVICES")
+
+
+def accelerator_type(device: torch.device) -> str | None:
+    """Ray's accelerator type name for a CUDA device (``GeForce-RTX-3090``, ``A100``), ``None`` for the CPU."""
+    if device.type != "cuda":
+        return None
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    return NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(torch.cuda.get_device_name(device))

@@ -12,6 +12,7 @@
 
 A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
 ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where ASHA (on ``epoch``) stops trials.
+GPU trials are pinned to one GPU type by the sweep's ``placement`` rules (``fer_ray.placement``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -31,6 +33,7 @@ from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text, load_check
 from fer_ray.config import SweepConfig, TrainConfig, load_sweep, set_path
 from fer_ray.data import CLASSES
 from fer_ray.flops import count_gmacs, count_params
+from fer_ray.placement import cluster_gpus, place_in_cluster, trial_resources
 from fer_ray.tracking import tune_callbacks
 from fer_ray.train import build_model, init_ray, make_trainer, prepare_dataset, put_dataset
 
@@ -55,28 +58,34 @@ def param_space(cfg: SweepConfig) -> dict:
     return {"train": train}
 
 
-def trial_driver(config: dict, *, data_ref, exp_dir: str, max_failures: int) -> None:
-    """One trial: build the TorchTrainer for this trial's config and fit it."""
+def trial_driver(config: dict, *, data_ref, exp_dir: str, max_failures: int, sweep: SweepConfig | None = None) -> None:
+    """One trial: pin its GPU type (``fer_ray.placement``), build the TorchTrainer for its config and fit it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     cfg = TrainConfig.from_dict(config["train"], "train")
+    rule = sweep.rule_for(cfg.model) if sweep else None
+    if cfg.num_workers > 0:  # local mode got its GPU type with the trial's resources
+        cfg = place_in_cluster(cfg, rule)
     exp = Path(exp_dir)
     callbacks = [TuneReportCallback()] if cfg.num_workers > 0 else None
     make_trainer(cfg, data_ref, exp / "trials" / trial_id, exp / "train", name=f"train_{trial_id}",
-                 callbacks=callbacks, in_tune=True, max_failures=max_failures).fit()
+                 callbacks=callbacks, in_tune=True, max_failures=max_failures,
+                 batch_size_cap=rule.batch_size_cap if rule else None).fit()
+
+
+def _resources(config: dict, sweep: SweepConfig) -> PlacementGroupFactory:
+    """A trial driver's resources, from the trial's own config (``fer_ray.placement.trial_resources``)."""
+    cfg = TrainConfig.from_dict(config["train"], "train")
+    gpus = cluster_gpus() if cfg.use_gpu and cfg.num_workers == 0 else {}
+    return PlacementGroupFactory([trial_resources(cfg, sweep.rule_for(cfg.model), gpus)])
 
 
 def _trainable(cfg: SweepConfig, data_ref, exp_dir: Path):
     fn = functools.partial(trial_driver, data_ref=data_ref, exp_dir=str(exp_dir.absolute()),
-                           max_failures=cfg.max_failures)
+                           max_failures=cfg.max_failures, sweep=cfg)
     fn.__name__ = "trial"  # Tune names trials after the trainable
-    t = cfg.train
-    if t.num_workers == 0:  # local mode: the training loop runs inside the driver
-        resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    else:
-        resources = {"CPU": 0.1}
-    return tune.with_resources(fn, resources)
+    return tune.with_resources(fn, functools.partial(_resources, sweep=cfg))
 
 
 def write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:

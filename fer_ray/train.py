@@ -27,6 +27,7 @@ from fer_ray.data import FERData, load_data, split_indices
 from fer_ray.data.augment import Augment, Preprocess
 from fer_ray.gpu import preflight
 from fer_ray.models import create_model
+from fer_ray.placement import cap_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if not local else torch.device("cuda" if cfg.use_gpu else "cpu")
     preflight(device)
+    cfg = cap_batch_size(cfg, config.get("batch_size_cap"), device, world)
     if device.type == "cpu" and local:
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
@@ -201,16 +203,26 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
+    """Workers, their CPUs/GPU and (``cfg.accelerator_type``) the one GPU type they all run on."""
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                   resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                         **({"GPU": 1} if cfg.use_gpu else {})},
+                                   accelerator_type=cfg.accelerator_type)
+
+
 def make_trainer(cfg: TrainConfig, data_ref, trial_dir: str | Path, storage_path: str | Path, name: str,
-                 callbacks: list | None = None, in_tune: bool = False, max_failures: int = 1):
-    """A TorchTrainer for one run; ``cfg.num_workers == 0`` selects Ray Train's in-process local mode."""
-    scaling = ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu
-                                                                                          else {})})
+                 callbacks: list | None = None, in_tune: bool = False, max_failures: int = 1,
+                 batch_size_cap: dict[str, int] | None = None):
+    """A TorchTrainer for one run; ``cfg.num_workers == 0`` selects Ray Train's in-process local mode.
+
+    ``batch_size_cap``: accelerator type → largest per-GPU batch (``fer_ray.placement.cap_batch_size``).
+    """
+    scaling = scaling_config(cfg)
     run = ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).absolute()),
                               callbacks=callbacks or None,
                               failure_config=ray.train.FailureConfig(max_failures=max_failures))
     loop_config = {"train": cfg.to_dict(), "data_ref": data_ref, "trial_dir": str(Path(trial_dir).absolute()),
-                   "in_tune": in_tune, "t_start": time.time()}
+                   "in_tune": in_tune, "t_start": time.time(), "batch_size_cap": batch_size_cap or {}}
     return ray.train.torch.TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                                         run_config=run)

@@ -1,0 +1,178 @@
+"""Mixed GPUs: placement rules are validated, a trial pins one GPU type, workers cap their batch per GPU type.
+
+The Ray test simulates a three-node cluster (one GPU of type A, two of type B, logical GPUs only) and checks
+that a 2-worker GPU trial lands on the two B nodes, never across types.
+"""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fer_ray.config import ConfigError, PlacementRule, SweepConfig, TrainConfig
+from fer_ray.placement import cap_batch_size, gpus_by_type, pick_type, place, trial_resources
+
+VIT = "timm/vit_base_patch16_224"
+RULES = {VIT: {"accelerator_type": ["A100", "GeForce-RTX-3090"], "min_gpu_memory_gb": 16},
+         "default": {"batch_size_cap": {"GeForce-GTX-1080-Ti": 64}}}
+
+
+def test_rules_parse_merge_with_default_and_round_trip():
+    cfg = SweepConfig.from_dict({"placement": RULES}, "sweep")
+    vit = cfg.rule_for(VIT)
+    assert vit.allowed() == ["A100", "GeForce-RTX-3090"]
+    assert vit.batch_size_cap == {"GeForce-GTX-1080-Ti": 64}, "caps come from default"
+    assert cfg.rule_for("basic_cnn").allowed() is None
+    assert SweepConfig().rule_for("basic_cnn") is None
+    again = SweepConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())), "sweep")
+    assert again.placement == cfg.placement
+
+
+def test_memory_rule_becomes_an_allowed_list():
+    assert PlacementRule(min_gpu_memory_gb=40).allowed() == ["A100", "A100-80G", "H100"]
+    assert PlacementRule(accelerator_type=["GeForce-GTX-1080-Ti", "T4"], min_gpu_memory_gb=12).allowed() == ["T4"]
+    assert PlacementRule(accelerator_type="L4").allowed() == ["L4"]
+
+
+@pytest.mark.parametrize("placement,msg", [
+    ({"default": {"batch_cap": {}}}, r"sweep\.placement\.default: unknown key 'batch_cap'"),
+    ({"no_such_net": {}}, r"placement\.no_such_net: is not a model name"),
+    ({VIT: {"accelerator_type": ["A100", "RTX 3090"]}}, r"placement\.timm/vit_base_patch16_224\.accelerator_type"),
+    ({VIT: {"accelerator_type": []}}, r"accelerator_type: must be a non-empty list"),
+    ({VIT: {"accelerator_type": ["Fancy-GPU"], "min_gpu_memory_gb": 16}}, r"memory of 'Fancy-GPU' unknown"),
+    ({VIT: {"min_gpu_memory_gb": 100}}, r"min_gpu_memory_gb: no allowed GPU type has >= 100 GB"),
+    ({VIT: {"min_gpu_memory_gb": 24}, "default": {"accelerator_type": ["T4"]}}, r"with default: min_gpu_memory_gb"),
+    ({"default": {"batch_size_cap": {"T4": 0}}}, r"batch_size_cap: must map"),
+    ({"default": ["T4"]}, r"placement\.default: must be a mapping"),
+])
+def test_bad_rules_name_the_field(placement, msg):
+    with pytest.raises(ConfigError, match=msg):
+        SweepConfig.from_dict({"placement": placement}, "sweep")
+
+
+def test_train_accelerator_type_is_checked():
+    assert TrainConfig(accelerator_type="GeForce-RTX-3090").accelerator_type == "GeForce-RTX-3090"
+    with pytest.raises(ConfigError, match="train.accelerator_type: must be a Ray accelerator type name"):
+        TrainConfig.from_dict({"accelerator_type": "RTX 3090"}, "train")
+
+
+def test_gpus_by_type_counts_free_and_total_gpus_per_type():
+    total = {"n1": {"CPU": 8, "GPU": 2, "accelerator_type:A100": 1}, "head": {"CPU": 4},
+             "n2": {"GPU": 1, "accelerator_type:T4": 1}, "n3": {"CPU": 8, "GPU": 4, "accelerator_type:A100": 1}}
+    free = {"n1": {"CPU": 8, "GPU": 1}, "n2": {"CPU": 8}, "n3": {"GPU": 4}}
+    assert gpus_by_type(total, free) == {"A100": (5, 6), "T4": (0, 1)}
+
+
+GPUS = {"A": (1.0, 1.0), "B": (1.0, 2.0), "C": (0.0, 4.0)}
+
+
+@pytest.mark.parametrize("candidates,gpus,need,expected", [
+    (None, GPUS, 1, None),                     # one GPU cannot mix
+    (None, {"A": (2.0, 2.0)}, 2, None),        # one type in the cluster: nothing to mix
+    (None, GPUS, 2, "C"),                      # nobody has 2 free: the type with the most GPUs (waits)
+    (None, {"A": (2.0, 2.0), "B": (3.0, 4.0)}, 2, "B"),  # most free GPUs among those with enough
+    (["A", "B"], GPUS, 1, "A"),                # tie on free GPUs: list order
+    (["B", "C"], GPUS, 2, "C"),                # B lacks a second free GPU; C has 4 in total
+    (["X", "Y"], GPUS, 1, "X"),                # none present: the first listed (an autoscaler may add it)
+    (["A", "B"], GPUS, 3, "B"),                # not enough anywhere: the allowed type with the most
+])
+def test_pick_type(candidates, gpus, need, expected):
+    assert pick_type(candidates, gpus, need) == expected
+
+
+def test_place_pins_gpu_trials_only_and_an_explicit_type_wins():
+    two = TrainConfig(num_workers=2, use_gpu=True)
+    gpus = {"A": (1.0, 1.0), "B": (2.0, 2.0)}
+    assert place(two, None, gpus).accelerator_type == "B"
+    assert place(two.replace(use_gpu=False), None, gpus).accelerator_type is None
+    assert place(two.replace(accelerator_type="A"), None, gpus).accelerator_type == "A"
+    assert place(two, PlacementRule(accelerator_type=["A"]), gpus).accelerator_type == "A"
+
+
+def test_local_mode_trial_resources_carry_the_gpu_type():
+    rule = PlacementRule(accelerator_type=["GeForce-RTX-3090"])
+    local = TrainConfig(num_workers=0, use_gpu=True, cpus_per_worker=4)
+    assert trial_resources(local, rule, {}) == {"CPU": 4, "GPU": 1, "accelerator_type:GeForce-RTX-3090": 0.001}
+    assert trial_resources(local, None, {"A": (1.0, 1.0), "B": (1.0, 1.0)}) == {"CPU": 4, "GPU": 1}
+    assert trial_resources(TrainConfig(num_workers=2, use_gpu=True), rule, {}) == {"CPU": 0.1}
+
+
+def test_scaling_config_requests_the_accelerator_on_every_worker():
+    from fer_ray.train import scaling_config
+
+    sc = scaling_config(TrainConfig(num_workers=2, cpus_per_worker=0.5, accelerator_type="B"))
+    assert sc._resources_per_worker_not_none == {"CPU": 0.5, "accelerator_type:B": 0.001}
+
+
+@pytest.mark.parametrize("name,ray_name", [("NVIDIA GeForce GTX 1080 Ti", "GeForce-GTX-1080-Ti"),
+                                           ("NVIDIA A100-SXM4-80GB", "A100"), ("Tesla T4", "T4")])
+def test_batch_cap_per_gpu_type(monkeypatch, name, ray_name):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    cuda = torch.device("cuda", 0)
+    cfg = TrainConfig(batch_size=256)
+    assert cap_batch_size(cfg, {ray_name: 64}, cuda, world_size=2).batch_size == 128, "64 per GPU × 2 workers"
+    assert cap_batch_size(cfg, {ray_name: 512}, cuda).batch_size == 256
+    assert cap_batch_size(cfg, {"Other": 8}, cuda).batch_size == 256
+    assert cap_batch_size(cfg.replace(accelerator_type="Other"), {"Other": 8}, cuda).batch_size == 8
+    assert cap_batch_size(cfg, {ray_name: 64}, torch.device("cpu")).batch_size == 256
+
+
+@pytest.fixture
+def two_type_cluster():
+    """Node A (head, 1 GPU) and nodes B1, B2 (1 GPU each), logical GPUs only; the session Ray is paused."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from fer_ray.train import init_ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:A": 1}, "include_dashboard": False})
+    b_nodes = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:B": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    os.environ["RAY_ADDRESS"] = cluster.address  # Train's placement-group cleaner finds this instance
+    try:
+        yield cluster, {n.node_id for n in b_nodes}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+        if was_running:
+            os.environ.pop("RAY_ADDRESS", None)
+            init_ray(num_cpus=2)
+
+
+@pytest.mark.ray
+def test_two_worker_gpu_trial_stays_on_one_gpu_type(two_type_cluster, tmp_path):
+    from ray.train import RunConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from fer_ray.placement import cluster_gpus
+    from fer_ray.train import scaling_config
+
+    def where(config: dict) -> None:  # nested: pickled by value (the workers cannot import this test module)
+        import ray
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        (Path(config["out"]) / f"rank{rank}").write_text(ray.get_runtime_context().get_node_id())
+
+    _, b_nodes = two_type_cluster
+    deadline = time.time() + 15  # the resource view catches up with new nodes
+    while cluster_gpus() != {"A": (1, 1), "B": (2, 2)} and time.time() < deadline:
+        time.sleep(0.2)
+    assert cluster_gpus() == {"A": (1, 1), "B": (2, 2)}
+    cfg = place(TrainConfig(num_workers=2, use_gpu=True, cpus_per_worker=0.5), None, cluster_gpus())
+    assert cfg.accelerator_type == "B", "only B has two GPUs"
+    DataParallelTrainer(where, train_loop_config={"out": str(tmp_path)}, scaling_config=scaling_config(cfg),
+                        run_config=RunConfig(name="where", storage_path=str(tmp_path / "runs"))).fit()
+    landed = {p.read_text() for p in tmp_path.glob("rank*")}
+    assert landed == b_nodes, "one worker on each B node, none on the A head"
