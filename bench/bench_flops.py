@@ -1,0 +1,54 @@
+"""Benchmark 5: achieved training FLOP/s. For each model, training images/s through fer_ray's engine (batched
+augmentation + forward + backward + AdamW step) × fvcore GMACs × 2 (FLOPs per MAC) × 3 (forward + backward
+≈ 3× forward), against the fp32 ``torch.mm`` peak measured in the same process on the same threads."""
+
+from __future__ import annotations
+
+import torch
+from common import emit, parser, timed
+
+from fer_ray import engine
+from fer_ray.config import TrainConfig
+from fer_ray.data.augment import Augment, Preprocess
+from fer_ray.flops import count_gmacs
+from fer_ray.models import create_model
+
+MODELS = ["basic_cnn@48", "deep_cnn_v1@40", "advanced_emotion_net@48", "basic_cnn_bn@48"]
+
+
+def mm_peak_gflops(n: int, repeat: int) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    return 2 * n**3 / timed(lambda: torch.mm(a, b), repeat) / 1e9
+
+
+def train_gflops(spec: str, n_images: int) -> dict:
+    arch, size = spec.split("@")
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=arch, img_size=int(size), epochs=1, batch_size=64, lr=1e-3, optimizer="adamw")
+    model = create_model(arch, img_size=int(size))
+    gmacs = count_gmacs(model)
+    pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
+    opt = engine.build_optimizer(cfg, model.parameters())
+    x = torch.randint(0, 256, (n_images, 48, 48), dtype=torch.uint8)
+    y = torch.randint(0, 7, (n_images,))
+    engine.train_one_epoch(model, x[:128], y[:128], opt, pre, aug, cfg, 0)  # warm-up
+    dt = timed(lambda: engine.train_one_epoch(model, x, y, opt, pre, aug, cfg, 0))
+    ips = n_images / dt
+    return {"model": spec, "gmacs": gmacs, "img_per_s": ips, "gflops": gmacs * 2 * 3 * ips}
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--models", nargs="+", default=MODELS, help="arch@img_size entries")
+    args = p.parse_args()
+    peak = mm_peak_gflops(256 if args.smoke else 2048, 1 if args.smoke else 5)
+    rows = [train_gflops(m, 128 if args.smoke else 2048) for m in (args.models[:1] if args.smoke else args.models)]
+    for r in rows:
+        r["fraction_of_mm_peak"] = r["gflops"] / peak
+    emit("flops", {"mm_peak_gflops": peak, "models": rows, "best_fraction": max(r["fraction_of_mm_peak"] for r in rows),
+                   "target": ">= 0.60 of torch.mm peak"}, args)
+
+
+if __name__ == "__main__":
+    main()
