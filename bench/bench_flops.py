@@ -27,7 +27,7 @@ def train_gflops(spec: str, n_images: int) -> dict:
     torch.manual_seed(0)
     cfg = TrainConfig(model=arch, img_size=int(size), epochs=1, batch_size=64, lr=1e-3, optimizer="adamw")
     model = create_model(arch, img_size=int(size))
-    gmacs = count_gmacs(model)
+    gmacs = count_gmacs(model, img_size=int(size))
     pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
     opt = engine.build_optimizer(cfg, model.parameters())
     x = torch.randint(0, 256, (n_images, 48, 48), dtype=torch.uint8)
