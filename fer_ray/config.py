@@ -80,6 +80,8 @@ class DataConfig(_Config):
     exact-duplicate group in each split; ``leakage`` drops Training images that exactly or nearly duplicate a
     PublicTest/PrivateTest image; ``both``."""
     near_dup_threshold: int = 4
+    ferplus: str | None = None
+    """FER+ ``fer2013new.csv`` whose majority votes relabel a ``fer2013.csv`` source (``fer_ray.data.ferplus``)."""
     group_duplicates: bool = True
     """Carve ``val`` by exact-duplicate groups, so no pixel-identical pair straddles train/val."""
     """Largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate."""
@@ -115,10 +117,12 @@ class AugmentConfig(_Config):
     contrast: float = 0.0
     erasing: float = 0.0
     """Probability of random erasing (cutout)."""
+    resized_crop: float = 0.0
+    """Probability of a random resized crop (area 70-100 %, aspect 3/4-4/3) back to the batch's size."""
 
     def __post_init__(self) -> None:
         _check(self.strength >= 0, "strength", f"must be >= 0, got {self.strength}")
-        for name in ("hflip", "erasing"):
+        for name in ("hflip", "erasing", "resized_crop"):
             _check(0 <= getattr(self, name) <= 1, name, f"must be a probability, got {getattr(self, name)}")
         for name in ("rotate", "translate", "scale", "shear", "brightness", "contrast"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")

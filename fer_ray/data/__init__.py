@@ -12,7 +12,8 @@ __all__ = ["CLASSES", "IMG_SIZE", "SPLITS", "USAGES", "DataError", "FERData", "l
 def load_data(cfg) -> FERData:
     """Load ``cfg.path`` (a ``DataConfig``), or when it is ``None`` draw the synthetic set, write it as a Kaggle
     ``fer2013.csv`` under ``cfg.cache_dir`` (once) and load that file through the real CSV reader. Then apply
-    ``cfg.dedup`` (``fer_ray.data.quality.dedup``), printing one line of what was dropped."""
+    ``cfg.ferplus`` (FER+ majority-vote labels, ``fer_ray.data.ferplus``) and ``cfg.dedup``
+    (``fer_ray.data.quality.dedup``), each printing one line of what it changed."""
     from fer_ray.data.ingest import load_dataset
 
     if cfg.path is not None:
@@ -25,6 +26,12 @@ def load_data(cfg) -> FERData:
         if not csv.is_file():
             synthetic.write_csv(csv, synthetic.generate(cfg.synthetic_n, seed=cfg.synthetic_seed))
         data = load_dataset(csv, fmt="csv", cache_dir=cfg.cache_dir)
+    if getattr(cfg, "ferplus", None):
+        from fer_ray.data.ferplus import apply_ferplus
+
+        data, info = apply_ferplus(data, cfg.ferplus)
+        print(f"FER+ labels from {cfg.ferplus}: kept {info['kept']} of {info['rows']} images "
+              f"({info['dropped']} dropped: contempt/unknown/not-a-face/tie; {info['changed']} relabelled)")
     mode = getattr(cfg, "dedup", "none")
     if mode != "none":
         from fer_ray.data.quality import dedup, describe_dedup
