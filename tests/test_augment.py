@@ -34,3 +34,12 @@ def test_augmentation_is_per_sample_random():
     assert y.shape == x.shape and 0.0 <= y.min() and y.max() <= 1.0
     diffs = (y[1:] - y[0]).abs().flatten(1).amax(1)
     assert (diffs > 1e-3).all(), "every sample should get its own random transform"
+
+
+def test_random_resized_crop_is_per_sample_and_keeps_the_size():
+    torch.manual_seed(0)
+    aug = Augment(AugmentConfig(strength=0.0, hflip=0.0, resized_crop=1.0))
+    x = torch.rand(1, 1, 48, 48).expand(8, -1, -1, -1).contiguous()
+    y = aug(x)
+    assert y.shape == x.shape
+    assert ((y - x).abs().flatten(1).amax(1) > 1e-3).all() and ((y[1:] - y[0]).abs().flatten(1).amax(1) > 1e-3).all()

@@ -2,8 +2,8 @@
 
 ``Preprocess`` turns a uint8 ``[B, 48, 48]`` batch into the float ``[B, C, S, S]`` tensor a model expects
 (resize to its input size, stack grey to its channel count, normalise with its mean/std from
-``model.fer_cfg``). ``Augment`` applies per-sample random flip / affine / jitter / erasing to whole batches
-with kornia, one kernel call per op for the batch, before ``Preprocess``. Nothing here loops over samples.
+``model.fer_cfg``). ``Augment`` applies per-sample random flip / affine / jitter / resized crop / erasing to
+whole batches with kornia, one kernel call per op for the batch, before ``Preprocess``. Nothing here loops over samples.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_ray.config import AugmentConfig
+from fer_ray.data.dataset import IMG_SIZE
 
 
 class Preprocess(nn.Module):
@@ -62,6 +63,8 @@ class Augment(nn.Module):
                 padding_mode="border", p=1.0))
         if s > 0 and (cfg.brightness or cfg.contrast):
             ops.append(K.ColorJiggle(brightness=cfg.brightness * s, contrast=cfg.contrast * s, p=1.0))
+        if cfg.resized_crop > 0:  # Augment sees the stored 48×48 faces, before Preprocess resizes them
+            ops.append(K.RandomResizedCrop(size=(IMG_SIZE, IMG_SIZE), scale=(0.7, 1.0), p=cfg.resized_crop))
         if cfg.erasing > 0:
             ops.append(K.RandomErasing(scale=(0.02, 0.2), p=cfg.erasing))
         self.ops = nn.Sequential(*ops)
