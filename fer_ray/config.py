@@ -321,9 +321,9 @@ class SweepConfig(_Config):
         _check(self.mode in ("max", "min"), "mode", "must be max or min")
         _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
         _check(self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1")
-        from fer_ray.tta import parse_view  # validated here so a bad view fails before hours of training
+        from fer_ray.tta import expand_views, parse_view  # validated here so a bad view fails before training
 
-        for view in self.tta_views:
+        for view in expand_views(self.tta_views):
             try:
                 parse_view(str(view))
             except ValueError as e:

@@ -2,7 +2,9 @@
 
 A view is a deterministic transform of the float ``[B, 1, 48, 48]`` batch, named in a policy list:
 ``identity``, ``hflip``, ``rot<deg>`` (``rot10``, ``rot-10``), ``shift<dx>,<dy>`` (px), ``scale<s>``
-(``scale1.1``), and ``+`` combinations (``hflip+rot10``). All views of a batch are stacked and go through the
+(``scale1.1``), ``crop<c><pos>`` (a ``c``×``c`` crop at ``tl``/``tr``/``bl``/``br``/``c``, resized back), and ``+``
+combinations (``hflip+rot10``). In a policy, ``tencrop<c>`` expands to the ten-crop views (4 corners + centre, each
+also flipped; ``expand_views``). All views of a batch are stacked and go through the
 model as one forward pass. ``fill_store`` scores each trial's best checkpoint once per (split, policy) and
 writes ``logits/<trial_id>/<split>.parquet``; existing files with the same checkpoint sha256 and views are
 reused.
@@ -28,7 +30,30 @@ from fer_ray.data import FERData
 from fer_ray.data.augment import Preprocess
 from fer_ray.store import write_logits
 
-_VIEW_RE = re.compile(r"^(identity|hflip|rot(-?\d+(?:\.\d+)?)|shift(-?\d+),(-?\d+)|scale(\d+(?:\.\d+)?))$")
+_VIEW_RE = re.compile(r"^(identity|hflip|rot(-?\d+(?:\.\d+)?)|shift(-?\d+),(-?\d+)|scale(\d+(?:\.\d+)?)"
+                      r"|crop(\d+)(tl|tr|bl|br|c))$")
+_CROP_POSITIONS = ("tl", "tr", "bl", "br", "c")
+
+
+def expand_views(views: Sequence[str]) -> list[str]:
+    """A policy with ``tencrop<c>`` entries replaced by their ten views (crops at 4 corners + centre, ± flip)."""
+    out: list[str] = []
+    for view in views:
+        m = re.fullmatch(r"tencrop(\d+)", str(view).strip())
+        crops = [f"crop{m.group(1)}{pos}" for pos in _CROP_POSITIONS] if m else []
+        out.extend([*crops, *(f"{c}+hflip" for c in crops)] if m else [str(view)])
+    return out
+
+
+def _crop(x: torch.Tensor, size: int, pos: str) -> torch.Tensor:
+    """The ``size``×``size`` crop at ``pos`` of a ``[B, C, H, W]`` batch, resized back to ``H``×``W``."""
+    h, w = x.shape[-2:]
+    if not 0 < size <= min(h, w):
+        raise ValueError(f"crop size {size} must be in 1..{min(h, w)}")
+    top = {"tl": 0, "tr": 0, "bl": h - size, "br": h - size, "c": (h - size) // 2}[pos]
+    left = {"tl": 0, "tr": w - size, "bl": 0, "br": w - size, "c": (w - size) // 2}[pos]
+    patch = x[..., top:top + size, left:left + size]
+    return torch.nn.functional.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def _affine(x: torch.Tensor, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0),
@@ -49,7 +74,8 @@ def parse_view(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         m = _VIEW_RE.match(part.strip())
         if not m:
             raise ValueError(f"unknown TTA view {name!r} (part {part!r}); use identity, hflip, rot<deg>, "
-                             "shift<dx>,<dy>, scale<s> or +-combinations")
+                             "shift<dx>,<dy>, scale<s>, crop<c><tl|tr|bl|br|c> or +-combinations "
+                             "(tencrop<c> in a policy)")
         if m.group(1) == "hflip":
             steps.append(functools.partial(torch.flip, dims=[-1]))
         elif m.group(2) is not None:
@@ -58,6 +84,8 @@ def parse_view(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
             steps.append(functools.partial(_affine, shift=(float(m.group(3)), float(m.group(4)))))
         elif m.group(5) is not None:
             steps.append(functools.partial(_affine, scale=float(m.group(5))))
+        elif m.group(6) is not None:
+            steps.append(functools.partial(_crop, size=int(m.group(6)), pos=m.group(7)))
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         for step in steps:
@@ -101,6 +129,7 @@ def fill_store(exp_dir: str | Path, data: FERData, splits: dict[str, np.ndarray]
                roles: dict[str, str], trials: pd.DataFrame | None = None, progress: bool = True) -> list[Path]:
     """Write TTA logits of each trial's best checkpoint for every split in ``roles`` (skipping ``fit`` splits)."""
     exp_dir = Path(exp_dir)
+    views = expand_views(views)
     trials = pd.read_parquet(exp_dir / "trials.parquet") if trials is None else trials
     written = []
     for i, row in enumerate(trials.itertuples(), 1):

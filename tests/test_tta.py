@@ -31,3 +31,20 @@ def test_views_do_what_they_say():
 def test_unknown_view_is_named():
     with pytest.raises(ValueError, match="unknown TTA view 'hflip\\+spin'"):
         parse_view("hflip+spin")
+
+
+def test_ten_crop_policy_expands_and_crops():
+    from fer_ray.tta import expand_views
+
+    views = expand_views(["identity", "tencrop40"])
+    assert len(views) == 11 and views[1] == "crop40tl" and views[-1] == "crop40c+hflip"
+    x = torch.arange(48 * 48, dtype=torch.float32).view(1, 1, 48, 48)
+    assert torch.equal(parse_view("crop48c")(x), x)  # a full-size crop is the identity
+    tl, br = parse_view("crop24tl")(x), parse_view("crop24br")(x)
+    assert tl.shape == x.shape and tl.max() < x[..., :24, :24].max() + 1 and br.min() > x[..., 24:, 24:].min() - 1
+    assert torch.allclose(parse_view("crop24tl+hflip")(x), tl.flip(-1))
+    model = create_model("basic_cnn", img_size=40).eval()
+    images = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
+    assert torch.allclose(tta_logits(model, images, views), tta_logits_loop(model, images, views), atol=1e-4)
+    with pytest.raises(ValueError, match="crop size 60"):
+        parse_view("crop60c")(x)
