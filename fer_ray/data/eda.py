@@ -10,27 +10,15 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from fer_ray.atomic import atomic_write_bytes, atomic_write_text
 from fer_ray.data.dataset import CLASSES, USAGES, FERData
 
 SAMPLES_PER_CLASS = 8
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fig_bytes(fig) -> bytes:
@@ -158,7 +146,7 @@ def write_eda(data: FERData, out_dir: str | Path, check_df: pd.DataFrame | None 
     paths = {}
     for key, (name, payload) in files.items():
         paths[key] = out / name
-        _atomic_write(paths[key], payload)
+        atomic_write_bytes(paths[key], lambda f, b=payload: f.write(b))
 
     def img(key: str) -> str:
         return f"<img src='data:image/png;base64,{base64.b64encode(pngs[key]).decode()}'/>" if pngs[key] else ""
@@ -175,5 +163,5 @@ def write_eda(data: FERData, out_dir: str | Path, check_df: pd.DataFrame | None 
             f"<table>{qrows}</table>", img("near_duplicates"),
             "<h2>Samples per class</h2>", img("samples"), "</body></html>\n"]
     paths["html"] = out / "index.html"
-    _atomic_write(paths["html"], "\n".join(page).encode())
+    atomic_write_text(paths["html"], "\n".join(page))
     return paths

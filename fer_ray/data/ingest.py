@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
 
+from fer_ray.atomic import atomic_write_bytes
 from fer_ray.data.dataset import CLASSES, IMG_SIZE, USAGES, DataError, FERData
 
 log = logging.getLogger(__name__)
@@ -764,26 +764,17 @@ def _hash_file(h: hashlib._Hash, path: Path) -> None:
 
 
 def _cache_write(path: Path, data: FERData, meta: dict) -> None:
-    """Atomically write ``data`` to ``path`` (temp file in the same directory, then ``os.replace``)."""
+    """Atomically write ``data`` to ``path``; a failure (read-only folder, full disk) only logs a warning."""
     n = len(data)
     images = pa.FixedSizeBinaryArray.from_buffers(pa.binary(N_PIXELS), n,
                                                   [None, pa.py_buffer(np.ascontiguousarray(data.images))])
     table = pa.table({"images": images, "label": pa.array(data.labels.astype(np.int8)),
                       "usage": pa.array(data.usage.astype(np.int8)), "id": pa.array(data.ids.tolist(), pa.string())})
     table = table.replace_schema_metadata({"fer_ray.version": FORMAT_VERSION, "fer_ray.meta": json.dumps(meta)})
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        pq.write_table(table, tmp, compression="none")
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_bytes(path, lambda f: pq.write_table(table, f, compression="none"))
     except OSError as e:
         log.warning("could not write cache %s (%s); continuing without it", path, e)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _cache_read(path: Path) -> tuple[FERData, dict] | None:

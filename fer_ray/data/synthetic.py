@@ -16,13 +16,12 @@ broadcasting on coordinate grids; the same seed gives identical bytes.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from fer_ray.atomic import atomic_write_text
 from fer_ray.data.dataset import CLASSES, IMG_SIZE, USAGES, DataError, FERData
 
 # FER-2013 Training class counts, in ``CLASSES`` order; generate() draws labels in these proportions.
@@ -222,18 +221,6 @@ def generate(n: int = 6000, seed: int = 0,
     return FERData(images, labels.astype(np.int64), usage, ids)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(path: str | Path, data: FERData) -> Path:
     """Write ``data`` as a Kaggle ``fer2013.csv`` (header ``emotion,pixels,Usage``), atomically.
 
@@ -250,7 +237,7 @@ def write_csv(path: str | Path, data: FERData) -> Path:
     usage = np.asarray(USAGES)[data.usage]
     lines = [f"{lab},{' '.join(pix)},{use}" for lab, pix, use in zip(data.labels.tolist(), digits, usage,
                                                                         strict=True)]
-    _atomic_write_text(path, "\n".join(["emotion,pixels,Usage", *lines]) + "\n")
+    atomic_write_text(path, "\n".join(["emotion,pixels,Usage", *lines]) + "\n")
     return path
 
 
