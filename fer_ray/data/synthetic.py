@@ -6,8 +6,9 @@ Kaggle image-folder layout, so demos and tests go through the real loaders. ``ma
 (``python -m fer_ray.data.synthetic --out DIR``).
 
 The seven expressions differ in mouth curvature and opening, brow angle and height, and eye opening. Each sample
-also has its own identity (face shape, skin tone, eye spacing, hairline), pose (rotation, shift, scale),
-lighting (gradient, contrast, gamma), sensor noise, sometimes an occluding patch, and an expression intensity
+also has its own identity (face shape, skin tone, eye spacing, hair colour, hairline, long hair), scene
+(background brightness and texture, shoulders), pose (rotation, shift, scale), lighting (gradient, contrast,
+gamma), sensor noise, sometimes an occluding patch, and an expression intensity
 drawn per sample, so weak expressions look neutral and fear/surprise, angry/disgust and sad/disgust overlap.
 Class frequencies follow FER-2013 Training (disgust rare). Rendering is vectorised over images with
 broadcasting on coordinate grids; the same seed gives identical bytes.
@@ -89,15 +90,19 @@ def _draw_params(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.n
     p = {name: expr[:, i] for i, name in enumerate(_PARAMS)}
     p["intensity"] = intensity
     # Identity.
-    p.update(face_a=u(13.5, 17.0), face_b=u(17.5, 21.0), skin=u(105, 215), bg=u(5, 120), hair=u(10, 85),
+    p.update(face_a=u(12.5, 18.0), face_b=u(16.5, 22.0), skin=u(105, 215), bg=u(5, 250), hair=u(10, 230),
              hairline=np.where(rng.random(n) < 0.15, 2.0, u(0.45, 0.8)).astype(np.float32),
              eye_x=u(5.5, 7.8), eye_y=u(-5.0, -2.5), eye_w=u(2.4, 3.2), brow_w=u(0.7, 1.3),
              mouth_y=u(7.5, 10.0), mouth_w=u(4.2, 5.6), lip_w=u(0.6, 1.1), feature_dark=u(0.2, 0.5))
+    # Scene: a smooth background (two random plane waves), shoulders, and long hair on some people.
+    p.update(bg_amp=u(0, 60), bg_f1=u(0.5, 2.5), bg_d1=u(0, 2 * np.pi), bg_p1=u(0, 2 * np.pi), bg_f2=u(0.5, 2.5),
+             bg_d2=u(0, 2 * np.pi), bg_p2=u(0, 2 * np.pi), cloth=u(0, 255), shoulder_w=u(17, 26),
+             long_hair=(rng.random(n) < 0.4).astype(np.float32), hair_len=u(4, 16), hair_x=u(-3, 3))
     # Pose.
-    p.update(angle=np.deg2rad(u(-15, 15)), shift_x=u(-3, 3), shift_y=u(-3, 3), scale=u(0.88, 1.12))
+    p.update(angle=np.deg2rad(u(-15, 15)), shift_x=u(-4.5, 4.5), shift_y=u(-4, 4), scale=u(0.85, 1.2))
     # Lighting and sensor.
     light_dir = u(0, 2 * np.pi)
-    p.update(light_x=np.cos(light_dir), light_y=np.sin(light_dir), light=u(0.0, 0.6), contrast=u(0.65, 1.3),
+    p.update(light_x=np.cos(light_dir), light_y=np.sin(light_dir), light=u(0.0, 1.2), contrast=u(0.65, 1.3),
              gamma=np.exp(u(-0.35, 0.35)), noise=u(2.0, 14.0))
     # Occlusion: a rectangle of random intensity on some images.
     p.update(occluded=(rng.random(n) < _OCCLUSION_RATE).astype(np.float32), occ_x=u(0, 40), occ_y=u(0, 40),
@@ -117,7 +122,14 @@ def _render(p: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     v = (-sin * dx + cos * dy) / q["scale"]
 
     a, b, skin = q["face_a"], q["face_b"], q["skin"]
-    img = np.broadcast_to(q["bg"], (n, IMG_SIZE, IMG_SIZE)).astype(np.float32)
+    img = q["bg"] + q["bg_amp"] * sum(
+        np.cos(2 * np.pi * q[f"bg_f{k}"] * (np.cos(q[f"bg_d{k}"]) * xs + np.sin(q[f"bg_d{k}"]) * ys) / IMG_SIZE
+               + q[f"bg_p{k}"]) for k in (1, 2)) / 2
+    # Shoulders below the chin, then long hair behind the face on some people.
+    shoulders = _ellipse_sd(u, v, 0.0, b + 11.0, q["shoulder_w"] * 1.4, 11.0)
+    img = _paint(img, _coverage(shoulders), q["cloth"])
+    mane = _ellipse_sd(u, v, q["hair_x"], 1.0 + q["hair_len"] / 2, a * 1.3, b + q["hair_len"] / 2)
+    img = _paint(img, _coverage(mane) * q["long_hair"], q["hair"])
     # Face oval, slightly darker towards its rim.
     rim = np.clip((u / a) ** 2 + ((v - 1.0) / b) ** 2, 0.0, 1.0)
     img = _paint(img, _coverage(_ellipse_sd(u, v, 0.0, 1.0, a, b)), skin * (1.0 - 0.22 * rim))
