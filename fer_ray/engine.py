@@ -3,7 +3,9 @@
 No Ray imports: ``fer_ray.train`` wraps these in Ray Train, and benchmarks call them in a bare loop.
 Images stay uint8 on the device until ``Augment``/``Preprocess`` turn each batch into model input.
 Distributed runs pass ``rank``/``world_size``: every rank sees the same seeded permutation and takes its own
-equal-sized slice, so DDP ranks always run the same number of steps.
+equal-sized slice, so DDP ranks always run the same number of steps. Every random draw of an epoch (batch order,
+augmentation, dropout, mixup) derives from ``(seed, epoch, rank)``, so a run resumed from an epoch checkpoint
+continues exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,6 +38,15 @@ def shard_batches(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank
     steps = len(mine) // batch_size if drop_last else math.ceil(len(mine) / batch_size)
     for i in range(steps):
         yield mine[i * batch_size:(i + 1) * batch_size]
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed the global RNGs an epoch draws from (torch: kornia augmentation, dropout; numpy: timm Mixup/CutMix)
+    from ``(seed, epoch, rank)``: an epoch draws the same numbers whether the run started at epoch 0 or resumed
+    from a checkpoint; ranks draw differently."""
+    value = (seed * 1_000_003 + epoch) * 1_009 + rank
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -139,6 +151,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     ``teacher``: optional ``[N, C]`` teacher logits aligned with ``images``, for ``LossFn``'s distillation term.
     """
     model.train()
+    seed_epoch(cfg.seed, epoch, rank)
     device = images.device
     amp_dtype = autocast_dtype(cfg, device)
     loss_fn = loss_fn or LossFn(cfg, labels)

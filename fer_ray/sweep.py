@@ -103,18 +103,22 @@ def write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
 
 
 def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_cpus: int | None = None,
-              verbose: int = 1) -> pd.DataFrame:
-    """Run (or resume) the sweep into ``exp_dir`` and return the per-trial summary (``trials.parquet``)."""
+              verbose: int = 1, prepared: tuple | None = None) -> pd.DataFrame:
+    """Run (or resume) the sweep into ``exp_dir`` and return the per-trial summary (``trials.parquet``).
+
+    ``prepared``: ``prepare_dataset(cfg.data)``'s result when the caller already holds it.
+    """
     exp_dir = Path(exp_dir).absolute()
-    data, splits = prepare_dataset(cfg.data)
+    data, splits = prepared or prepare_dataset(cfg.data)
     if not resume:
         write_setup(cfg, exp_dir, data, splits)
     init_ray(num_cpus=num_cpus)
     trainable = _trainable(cfg, put_dataset(data, splits), exp_dir)
     tune_dir = exp_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_dir)):
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True,
-                                   param_space=param_space(cfg))
+        # Tune restores the param_space it saved: rebuilding it from today's TrainConfig would fail the restore
+        # (Tune checks the keys) whenever TrainConfig gained a field since the sweep started.
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.asha.max_t, grace_period=cfg.asha.grace_period,
                                   reduction_factor=cfg.asha.reduction_factor)

@@ -36,6 +36,38 @@ def test_training_reduces_loss_on_an_easy_problem():
     assert engine.evaluate(model, images, labels, pre, cfg)["val_acc"] > 0.5
 
 
+def test_resumed_epoch_draws_what_the_uninterrupted_run_drew():
+    """Epoch 2 from a checkpoint of epoch 1 (in a "new process": the global RNG disturbed) gives the same weights
+    as epochs 1-2 in one go: batch order, augmentation, dropout and mixup are all seeded by (seed, epoch, rank)."""
+    import copy
+
+    n = 128
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 48, 48), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 7, (n,), generator=gen)
+    cfg = TrainConfig(model="basic_cnn", batch_size=32, mixup=0.2, augment={"rotate": 10.0, "erasing": 0.5})
+
+    def fresh():
+        torch.manual_seed(0)
+        model = create_model("basic_cnn", img_size=32)  # dropout 0.5: uses the RNG every step
+        return model, engine.build_optimizer(cfg, model.parameters())
+
+    pre, aug = Preprocess.for_model(create_model("basic_cnn", img_size=32).fer_cfg), Augment(cfg.augment)
+    straight, opt = fresh()
+    for epoch in (0, 1):
+        engine.train_one_epoch(straight, images, labels, opt, pre, aug, cfg, epoch)
+    resumed, opt = fresh()
+    engine.train_one_epoch(resumed, images, labels, opt, pre, aug, cfg, 0)
+    state, opt_state = copy.deepcopy(resumed.state_dict()), copy.deepcopy(opt.state_dict())
+    torch.rand(1000)  # the restarted process's RNG is somewhere else
+    resumed, opt = fresh()
+    resumed.load_state_dict(state)
+    opt.load_state_dict(opt_state)
+    engine.train_one_epoch(resumed, images, labels, opt, pre, aug, cfg, 1)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_amp_is_fp32_on_cpu():
     assert engine.autocast_dtype(TrainConfig(), torch.device("cpu")) is None
 

@@ -42,27 +42,47 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     cfg.write_text(f"""
 name: resume
 data: {{synthetic_n: 300, val_fraction: 0.2, cache_dir: {tmp_path / 'cache'}}}
-train: {{model: basic_cnn, img_size: 32, epochs: 2, batch_size: 32, num_workers: 0, cpus_per_worker: 1}}
+train: {{model: basic_cnn, img_size: 32, epochs: 6, batch_size: 32, num_workers: 0, cpus_per_worker: 1}}
 search_space: {{lr: {{grid: [0.001, 0.002, 0.003]}}}}
 num_samples: 1
-asha: {{max_t: 2, grace_period: 2}}
+asha: {{max_t: 6, grace_period: 6}}
 """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     exp = tmp_path / "out" / "resume"
     proc = subprocess.Popen(_sweep_cmd(str(cfg), "--out", str(tmp_path / "out")), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def epochs_done() -> list[int]:
+        return [len(json.loads(p.read_text())) for p in (exp / "trials").glob("*/history.json")]
+
+    def interrupted_mid_trial() -> bool:  # one trial finished, another one part-way
+        done = epochs_done()
+        return 6 in done and any(1 <= d <= 3 for d in done)
+
     deadline = time.time() + 240
-    while time.time() < deadline and len(list((exp / "trials").glob("*/history.json"))) < 2:
-        time.sleep(0.5)
-    assert len(list((exp / "trials").glob("*/history.json"))) >= 1
+    while time.time() < deadline and not interrupted_mid_trial():
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
+    assert interrupted_mid_trial(), epochs_done()
     proc.wait(timeout=120)
     first = {p.parent.parent.name: p.stat().st_mtime_ns for p in (exp / "trials").glob("*/checkpoints/manifest.json")
-             if len(json.loads((p.parent.parent / "history.json").read_text())) == 2}
+             if len(json.loads((p.parent.parent / "history.json").read_text())) == 6}
     assert first, "at least one trial finished before the interrupt"
     subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = pd.read_parquet(exp / "trials.parquet")
-    assert len(trials) == 3 and (trials.epochs_run == 2).all()
+    assert len(trials) == 3 and (trials.epochs_run == 6).all()
     for trial_id, mtime in first.items():  # finished before the interrupt: untouched by the resume
         assert (exp / "trials" / trial_id / "checkpoints" / "manifest.json").stat().st_mtime_ns == mtime
+    # The same sweep run without interruption ends with the same leaderboard, to the last digit.
+    subprocess.run(_sweep_cmd(str(cfg), "--out", str(tmp_path / "straight")), cwd=REPO, env=env, check=True,
+                   timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight = pd.read_parquet(tmp_path / "straight" / "resume" / "trials.parquet")
+
+    def board(t: pd.DataFrame) -> list:
+        lr = [json.loads(c)["lr"] for c in t.config]
+        val_loss = [json.loads((Path(c).parent.parent / "history.json").read_text())[-1]["val_loss"]
+                    for c in t.checkpoint]
+        return sorted(zip(t.best_val_acc, lr, t.best_epoch, t.epochs_run, val_loss, strict=True), reverse=True)
+
+    assert board(trials) == board(straight)
