@@ -113,7 +113,6 @@ def _draw_params(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.n
 def _render(p: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """Render the faces described by ``p`` (``[N]`` arrays) into uint8 ``[N, 48, 48]``."""
     q = {k: v[:, None, None] for k, v in p.items()}
-    n = len(p["skin"])
     ys, xs = np.mgrid[0:IMG_SIZE, 0:IMG_SIZE].astype(np.float32) - (IMG_SIZE - 1) / 2
     # Face coordinates (u right, v down, origin at the face centre): inverse of rotate/scale/shift.
     cos, sin = np.cos(q["angle"]), np.sin(q["angle"])
