@@ -21,10 +21,13 @@ from fer_ray.train import prepare_dataset
 from fer_ray.tta import fill_store
 
 
-def tta_stage(exp_dir: Path, views: list[str] | None = None) -> list[Path]:
-    """Fill the logit store for every trial's best checkpoint on every non-fit split."""
+def tta_stage(exp_dir: Path, views: list[str] | None = None, prepared: tuple | None = None) -> list[Path]:
+    """Fill the logit store for every trial's best checkpoint on every non-fit split.
+
+    ``prepared``: the sweep's ``(data, splits)`` from ``prepare_dataset`` when the caller already holds them.
+    """
     cfg = load_sweep(exp_dir / "sweep.yaml")
-    data, splits = prepare_dataset(cfg.data)
+    data, splits = prepared or prepare_dataset(cfg.data)
     roles = json.loads((exp_dir / "split_roles.json").read_text())
     return fill_store(exp_dir, data, splits, views or list(cfg.tta_views), roles)
 
@@ -46,11 +49,12 @@ def run_all(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_cpu
     """Sweep, then TTA, ensemble and leaderboard; prints progress and the leaderboard."""
     exp_dir = Path(exp_dir).absolute()
     t0 = time.perf_counter()
-    trials = run_sweep(cfg, exp_dir, resume=resume, num_cpus=num_cpus)
+    prepared = prepare_dataset(cfg.data)  # loaded, deduplicated and split once for the sweep and the TTA stage
+    trials = run_sweep(cfg, exp_dir, resume=resume, num_cpus=num_cpus, prepared=prepared)
     print(f"[sweep] {len(trials)} trials in {time.perf_counter() - t0:.0f}s → {exp_dir / 'trials.parquet'}", flush=True)
     if sweep_only or trials.empty:
         return None
-    tta_stage(exp_dir)
+    tta_stage(exp_dir, prepared=prepared)
     ensemble_stage(exp_dir, min(cfg.ensemble_top_k, len(trials)))
     # Caruana greedy selection over every trial, on validation NLL, with temperature scaling (val only).
     run_ensemble(exp_dir, EnsembleSpec(name="greedy_nll", members={"top_k": len(trials)}, combiner="greedy",
