@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,13 +59,19 @@ def cmd_sweep(args) -> None:
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
         exp_dir = Path(args.out) / cfg.name
+        trials = exp_dir / "trials"
+        if trials.is_dir() and any(trials.iterdir()):  # a new sweep must not mix its trials with an old one's
+            if not args.overwrite:
+                raise ConfigError(f"{exp_dir} already holds a sweep: continue it with --resume {exp_dir}, choose "
+                                  f"another --name or --out, or replace it with --overwrite")
+            shutil.rmtree(exp_dir)
     run_all(cfg, exp_dir, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
 
 
 def cmd_demo(args) -> None:
     args.sweep, args.resume = args.sweep or "demo.yaml", None
     args.name = args.data = args.workers_per_trial = args.gpus_per_trial = None
-    args.sweep_only, args.wandb = False, False
+    args.sweep_only, args.wandb, args.overwrite = False, False, True
     out = Path(args.out)
     args.out = str(out.parent)
     args.name = out.name
@@ -230,12 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="results", help="results root (default: results)")
     s.add_argument("--resume", metavar="RESULTS_DIR", help="continue an interrupted sweep in this experiment folder")
     s.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no TTA/ensemble/report)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing experiment folder of the same name (default: refuse)")
     s.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
     sweep_opts(s)
     s.set_defaults(func=cmd_sweep)
 
     d = sub.add_parser("demo", help="the whole pipeline on the synthetic dataset (sweeps/demo.yaml)")
-    d.add_argument("--out", default="results/demo", help="experiment folder (default: results/demo)")
+    d.add_argument("--out", default="results/demo",
+                   help="experiment folder, replaced if it exists (default: results/demo)")
     d.add_argument("--sweep", help="sweep file (default: sweeps/demo.yaml)")
     d.add_argument("--num-cpus", type=int)
     d.set_defaults(func=cmd_demo)

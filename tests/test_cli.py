@@ -28,3 +28,13 @@ def test_bad_sweep_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["sweep", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "s.yaml" in err and "lr: must be > 0" in err
+
+
+def test_sweep_refuses_to_mix_with_an_existing_experiment(tmp_path, capsys):
+    """A second sweep of the same name would add its trials to the first one's leaderboard: refused, one line."""
+    old = tmp_path / "smoke" / "trials" / "abc_00000"
+    old.mkdir(parents=True)
+    assert main(["sweep", "smoke.yaml", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err and str(tmp_path) in err
+    assert old.is_dir()  # nothing touched
