@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fer_ray.models import create_model
-from fer_ray.tta import parse_view, tta_logits, tta_logits_loop
+from fer_ray.models import create_model, list_models, model_cfg
+from fer_ray.tta import inference_model, parse_view, tta_logits, tta_logits_loop
 
 VIEWS = ["identity", "hflip", "rot10", "rot-10", "shift2,-2", "scale1.1", "hflip+rot5", "hflip+shift-2,0"]
 
@@ -48,3 +48,23 @@ def test_ten_crop_policy_expands_and_crops():
     assert torch.allclose(tta_logits(model, images, views), tta_logits_loop(model, images, views), atol=1e-4)
     with pytest.raises(ValueError, match="crop size 60"):
         parse_view("crop60c")(x)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_inference_model_matches_the_model(name):
+    """Every registered model: the channels-last, conv+BN-folded inference copy gives the same logits (trained BN
+    statistics, not the identity defaults) and leaves the original untouched."""
+    torch.manual_seed(0)
+    model = create_model(name, img_size=min(model_cfg(name).img_size, 64))
+    cfg = model.fer_cfg
+    x = torch.randn(4, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+    model.train()
+    with torch.no_grad():
+        model(x * 2 + 1)  # move BatchNorm running statistics away from (0, 1)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        fast = inference_model(model)
+        assert not fast.training and fast.fer_cfg == cfg
+        assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
