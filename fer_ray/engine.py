@@ -1,7 +1,8 @@
 """Pure-torch training core: batching, one training epoch, evaluation, optimiser and scheduler factories.
 
 No Ray imports: ``fer_ray.train`` wraps these in Ray Train, and benchmarks call them in a bare loop.
-Images stay uint8 on the device until ``Augment``/``Preprocess`` turn each batch into model input.
+Images stay uint8 on the device until ``Augment``/``Preprocess`` turn each batch into model input; a split can be
+an ``IndexedImages`` view (the full array plus the split's indices), so no process copies its split to train on it.
 Distributed runs pass ``rank``/``world_size``: every rank sees the same seeded permutation and takes its own
 equal-sized slice, so DDP ranks always run the same number of steps. Every random draw of an epoch (batch order,
 augmentation, dropout, mixup) derives from ``(seed, epoch, rank)``, so a run resumed from an epoch checkpoint
@@ -38,6 +39,26 @@ def shard_batches(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank
     steps = len(mine) // batch_size if drop_last else math.ceil(len(mine) / batch_size)
     for i in range(steps):
         yield mine[i * batch_size:(i + 1) * batch_size]
+
+
+class IndexedImages:
+    """The images ``base[index]`` without gathering them: indexing with a batch's positions gathers just that batch.
+
+    Duck-types the uint8 image tensor the loops below take (``len``, ``device``, ``[slice]``, ``[index tensor]``),
+    so a trial trains on its split of the shared, zero-copy dataset without holding a private copy of the split.
+    """
+
+    def __init__(self, base: torch.Tensor, index: torch.Tensor):
+        self.base, self.index = base, index.to(base.device)
+        self.device, self.dtype = base.device, base.dtype
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return IndexedImages(self.base, self.index[key])
+        return self.base[self.index[key]]
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:

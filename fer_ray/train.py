@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +68,21 @@ def put_dataset(data: FERData, splits: dict[str, np.ndarray],
     return ray.put({**data.to_arrays(), "splits": splits, **extra})
 
 
-def _device_tensors(arrays: dict, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = arrays["splits"][split]
-    images = torch.from_numpy(np.ascontiguousarray(arrays["images"][idx])).to(device)
-    labels = torch.from_numpy(arrays["labels"][idx].astype(np.int64)).to(device)
-    return images, labels
+def _split_tensors(arrays: dict, device: torch.device) -> dict[str, tuple[engine.IndexedImages, torch.Tensor]]:
+    """Each split as (images view, labels) on ``device``, without copying the images per split.
+
+    On CPU the view indexes the object store's read-only array in place (zero-copy: every trial and worker maps
+    the same pages); on a GPU the full array is uploaded once and both splits index it there.
+    """
+    with warnings.catch_warnings():  # read-only object-store memory: nothing here writes to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        base = torch.from_numpy(arrays["images"]).to(device)
+    labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+    out = {}
+    for split in ("train", "val"):
+        idx = torch.from_numpy(np.asarray(arrays["splits"][split], dtype=np.int64))
+        out[split] = engine.IndexedImages(base, idx), labels[idx].to(device)
+    return out
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -116,8 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
     model, optimizer, scheduler = _phase(module, cfg, world, frozen=done < cfg.freeze_epochs)
     start, history = _resume(ckpt_dir, module, optimizer, scheduler)
     scaler = torch.amp.GradScaler() if engine.autocast_dtype(cfg, device) == torch.float16 else None
-    train_x, train_y = _device_tensors(arrays, "train", device)
-    val_x, val_y = _device_tensors(arrays, "val", device)
+    (train_x, train_y), (val_x, val_y) = _split_tensors(arrays, device).values()
     loss_fn = engine.LossFn(cfg, train_y)
     teacher = arrays.get("teacher_logits")
     if cfg.distill_alpha > 0 and teacher is None:

@@ -109,3 +109,44 @@ def test_recipe_knobs_run():
     assert out["images"] == 32 and out["train_loss"] > 0
     w = engine.class_balance(labels)
     assert w[1] > 0 and w[3] > w[0]  # rare classes weigh more
+
+
+def test_a_split_view_trains_and_evaluates_exactly_as_its_gathered_copy():
+    """``IndexedImages`` (full array + split indices) is what trials train on instead of a private copy of the split."""
+    gen = torch.Generator().manual_seed(1)
+    full = torch.randint(0, 256, (200, 48, 48), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 7, (200,), generator=gen)
+    split = torch.randperm(200, generator=gen)[:120]
+    cfg = TrainConfig(model="basic_cnn", batch_size=32, eval_batch_size=50, augment={"rotate": 10.0})
+    pre, aug = Preprocess.for_model(create_model("basic_cnn", img_size=32).fer_cfg), Augment(cfg.augment)
+    results = []
+    for images in (full[split].clone(), engine.IndexedImages(full, split)):
+        torch.manual_seed(0)
+        model = create_model("basic_cnn", img_size=32)
+        out = engine.train_one_epoch(model, images, labels[split], engine.build_optimizer(cfg, model.parameters()),
+                                     pre, aug, cfg, 0)
+        out |= engine.evaluate(model, images, labels[split], pre, cfg, rank=1, world_size=2)
+        results.append(({k: v for k, v in out.items() if k != "train_time_s"}, model.state_dict()))
+    (a, wa), (b, wb) = results
+    assert a == b
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    view = engine.IndexedImages(full, split)
+    assert len(view) == 120 and len(view[10:30]) == 20
+    assert torch.equal(view[10:30][torch.tensor([0, 19])], full[split[[10, 29]]])
+
+
+def test_trials_index_the_shared_dataset_in_place():
+    """No per-trial copy of the images: both splits index the object store's (read-only) array itself."""
+    import numpy as np
+
+    from fer_ray.train import _split_tensors
+
+    images = np.random.default_rng(0).integers(0, 256, (50, 48, 48), dtype=np.uint8)
+    images.flags.writeable = False  # as ray.get returns it
+    arrays = {"images": images, "labels": np.arange(50) % 7,
+              "splits": {"train": np.arange(0, 40), "val": np.arange(40, 50)}}
+    splits = _split_tensors(arrays, torch.device("cpu"))
+    for name, (view, y) in splits.items():
+        assert view.base.data_ptr() == images.ctypes.data, name
+        assert torch.equal(view[torch.arange(len(view))], torch.from_numpy(images[arrays["splits"][name]]))
+        assert y.tolist() == (arrays["splits"][name] % 7).tolist()
