@@ -66,5 +66,6 @@ def test_inference_model_matches_the_model(name):
     with torch.inference_mode():
         fast = inference_model(model)
         assert not fast.training and fast.fer_cfg == cfg
+        assert inference_model(fast) is fast  # already laid out: scored as it is, not copied again
         assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=1e-3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
