@@ -300,7 +300,10 @@ class SweepConfig(_Config):
     ``{randint: [lo, hi]}`` or ``{grid: [...]}``."""
     num_samples: int = 4
     asha: AshaConfig = field(default_factory=AshaConfig)
-    metric: str = "val_acc"
+    metric: str = "val_score"
+    """The per-epoch metric ASHA ranks trials on. ``val_score`` is validation accuracy with ties broken by the
+    lower validation loss (``fer_ray.engine.SCORE_TIEBREAK``): on ``val_acc`` alone, trials still at the
+    majority-class accuracy all tie at the first rung and all pass it. Checkpoints are chosen on ``val_acc``."""
     mode: str = "max"
     max_concurrent_trials: int = 1
     seed: int = 0

@@ -88,6 +88,12 @@ def _trainable(cfg: SweepConfig, data_ref, exp_dir: Path):
     return tune.with_resources(fn, functools.partial(_resources, sweep=cfg))
 
 
+def make_scheduler(cfg: SweepConfig) -> ASHAScheduler:
+    """ASHA on the trials' ``epoch``; Tune hands it ``cfg.metric``/``cfg.mode`` (default ``val_score``)."""
+    return ASHAScheduler(time_attr="epoch", max_t=cfg.asha.max_t, grace_period=cfg.asha.grace_period,
+                         reduction_factor=cfg.asha.reduction_factor)
+
+
 def write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
     import yaml
 
@@ -120,11 +126,9 @@ def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_c
         # (Tune checks the keys) whenever TrainConfig gained a field since the sweep started.
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.asha.max_t, grace_period=cfg.asha.grace_period,
-                                  reduction_factor=cfg.asha.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=make_scheduler(cfg),
                                         num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                                          max_concurrent=cfg.max_concurrent_trials)),
