@@ -5,4 +5,8 @@ Layers, bottom up: ``fer_ray.data`` (ingest, splits, augmentation), ``fer_ray.mo
 ``fer_ray.tta`` / ``fer_ray.ensemble`` / ``fer_ray.report`` (logit store, combiners, leaderboard).
 """
 
+import time as _time
+
 __version__ = "0.1.0"
+IMPORTED_AT = _time.time()
+"""When this process began importing fer_ray: the import phase of a Ray Train worker's start-up profile."""

@@ -31,6 +31,7 @@ from fer_ray.models import create_model
 from fer_ray.placement import cap_batch_size
 
 log = logging.getLogger(__name__)
+_IMPORTED_AT = time.time()  # this module and its dependencies (torch, ray.train, timm, kornia) imported
 
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -101,6 +102,7 @@ def _report(metrics: dict, in_tune_local: bool) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point. ``config``: ``train`` (TrainConfig dict), ``data_ref``, ``trial_dir``."""
+    t_entry = time.time()
     cfg = TrainConfig.from_dict(config["train"], "train")
     arrays = ray.get(config["data_ref"]) if isinstance(config["data_ref"], ray.ObjectRef) else config["data_ref"]
     local = cfg.num_workers == 0
@@ -134,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError("distill_alpha > 0 needs teacher_logits in the shared dataset (use `fer-ray distill`)")
     teacher = torch.from_numpy(np.array(teacher, dtype=np.float32)).to(device) if teacher is not None else None
     run_config = dict(cfg.to_dict(), img_size=fer_cfg["img_size"], in_chans=fer_cfg["in_chans"])
-    startup_s = time.time() - config.get("t_start", time.time())  # trial/run start → first batch
+    startup = _startup_profile(config.get("t_start", t_entry), t_entry)
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -145,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
                                          teacher=teacher)
         metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
-                    "img_size": fer_cfg["img_size"], "world_size": world, "startup_s": startup_s}
+                    "img_size": fer_cfg["img_size"], "world_size": world, **startup}
         if scheduler is not None:
             scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else scheduler.step()
         history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
@@ -166,6 +168,19 @@ def train_loop_per_worker(config: dict) -> None:
         _report(metrics, in_tune_local=local and config.get("in_tune", False))
         if cfg.early_stopping and epoch + 1 - best["epoch"] >= cfg.early_stopping:
             break
+
+
+def _startup_profile(t_start: float, t_entry: float) -> dict[str, float]:
+    """Trial/run start → first batch (``startup_s``), split into the phases of this worker process: ``spawn``
+    (until the process began importing fer_ray: Ray starting the controller and worker processes), ``import``
+    (fer_ray.train and its dependencies), ``setup`` (until Ray Train called the loop: process group, etc.) and
+    ``loop`` (the loop's own set-up: data, model, optimizer). Imports done before ``t_start`` count as zero."""
+    import fer_ray
+
+    now = time.time()
+    imp0, imp1 = max(fer_ray.IMPORTED_AT, t_start), max(_IMPORTED_AT, t_start)
+    return {"startup_s": now - t_start, "startup_spawn_s": imp0 - t_start, "startup_import_s": imp1 - imp0,
+            "startup_setup_s": t_entry - imp1, "startup_loop_s": now - t_entry}
 
 
 def _phase(module: torch.nn.Module, cfg: TrainConfig, world: int, frozen: bool):
