@@ -277,11 +277,16 @@ _SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
 
 @dataclass
 class AshaConfig(_Config):
-    """Ray Tune's ASHAScheduler, in epochs."""
+    """Successive halving in epochs: Ray Tune's ASHAScheduler, or with ``synchronous`` the synchronous kind."""
 
     max_t: int = 10
     grace_period: int = 1
     reduction_factor: float = 2.0
+    synchronous: bool = False
+    """Synchronous successive halving (``fer_ray.sweep.SuccessiveHalving``): every trial runs to a rung and waits
+    (paused, resumed from its epoch checkpoint) until all have reported it; then the top 1/``reduction_factor`` go
+    on. ASHA instead decides each trial on the results seen so far, so early trials always go on; with few trials
+    (tens) that costs epochs. Synchronous needs the trials' total known up front (``num_samples`` × grid)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.grace_period <= self.max_t, "grace_period", "must be in [1, max_t]")
@@ -348,6 +353,14 @@ class SweepConfig(_Config):
                         raise ConfigError(f"search_space.{key}: value {v!r} is invalid ({e})") from None
         if self.asha.max_t > self.train.epochs:
             raise ConfigError(f"asha.max_t ({self.asha.max_t}) exceeds train.epochs ({self.train.epochs})")
+
+    def num_trials(self) -> int:
+        """How many trials Tune will create: ``num_samples`` × the product of the ``grid`` lengths."""
+        n = self.num_samples
+        for spec in self.search_space.values():
+            if "grid" in spec:
+                n *= len(spec["grid"])
+        return n
 
     def _check_placement(self) -> None:
         from fer_ray.models import is_model

@@ -20,13 +20,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from ray import tune
 from ray.tune import PlacementGroupFactory
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+from ray.tune.schedulers.hyperband import _Bracket  # one HyperBand bracket = synchronous successive halving
 from ray.tune.search import BasicVariantGenerator
 
 from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
@@ -88,10 +91,55 @@ def _trainable(cfg: SweepConfig, data_ref, exp_dir: Path):
     return tune.with_resources(fn, functools.partial(_resources, sweep=cfg))
 
 
-def make_scheduler(cfg: SweepConfig) -> ASHAScheduler:
-    """ASHA on the trials' ``epoch``; Tune hands it ``cfg.metric``/``cfg.mode`` (default ``val_score``)."""
-    return ASHAScheduler(time_attr="epoch", max_t=cfg.asha.max_t, grace_period=cfg.asha.grace_period,
-                         reduction_factor=cfg.asha.reduction_factor)
+class SuccessiveHalving(HyperBandScheduler):
+    """Synchronous successive halving: Ray Tune's HyperBand with exactly one bracket holding every trial.
+
+    All ``num_trials`` trials run ``grace_period`` epochs; a trial that gets there first is paused (Tune stops
+    its process; it resumes from its epoch checkpoint). When all have reported, the best ⌈n / reduction_factor⌉
+    go on to ``grace_period × reduction_factor`` epochs, and so on up to ``max_t``. Trials start only while
+    fewer than ``max_running`` run: Tune's searcher-side limit counts paused trials as live and would deadlock.
+    Trials already finished when a sweep is resumed are left out of the bracket (they cannot report again).
+    """
+
+    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, num_trials: int,
+                 max_running: int | None = None, time_attr: str = "epoch"):
+        super().__init__(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor)
+        self._s_max_1 = 1  # one bracket per band: the band is full once it holds the bracket
+        self._get_n0 = lambda s: num_trials
+        self._get_r0 = lambda s: grace_period
+        self._halvings = max(0, math.ceil(math.log(max_t / grace_period, reduction_factor) - 1e-9))
+        self._max_running = max_running
+
+    def _create_bracket(self, s: int) -> _Bracket:
+        return _Bracket(time_attr=self._time_attr, max_trials=self._get_n0(s), init_t_attr=self._get_r0(s),
+                        max_t_attr=self._max_t_attr, eta=self._eta, s=self._halvings,
+                        stop_last_trials=self._stop_last_trials)
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # restored from a resumed sweep: done already
+            return
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        if trial in self._trial_info:
+            super().on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        running = sum(t.status == Trial.RUNNING for t in tune_controller.get_trials())
+        if self._max_running and running >= self._max_running:
+            return None
+        return super().choose_trial_to_run(tune_controller)
+
+
+def make_scheduler(cfg: SweepConfig) -> ASHAScheduler | SuccessiveHalving:
+    """The sweep's scheduler on the trials' ``epoch``; Tune hands it ``cfg.metric``/``cfg.mode`` (default
+    ``val_score``). ``asha.synchronous`` selects ``SuccessiveHalving``, else Ray Tune's (asynchronous) ASHA."""
+    a = cfg.asha
+    if a.synchronous:
+        return SuccessiveHalving(max_t=a.max_t, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                                 num_trials=cfg.num_trials(), max_running=cfg.max_concurrent_trials)
+    return ASHAScheduler(time_attr="epoch", max_t=a.max_t, grace_period=a.grace_period,
+                         reduction_factor=a.reduction_factor)
 
 
 def write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
@@ -126,12 +174,14 @@ def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_c
         # (Tune checks the keys) whenever TrainConfig gained a field since the sweep started.
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
+        # Synchronous successive halving pauses trials; the scheduler itself caps how many run at once.
+        concurrent = None if cfg.asha.synchronous else cfg.max_concurrent_trials
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=make_scheduler(cfg),
-                                        num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                                        num_samples=cfg.num_samples, max_concurrent_trials=concurrent,
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed,
-                                                                         max_concurrent=cfg.max_concurrent_trials)),
+                                                                         max_concurrent=concurrent or 0)),
             run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=verbose,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       callbacks=tune_callbacks(cfg.wandb, cfg.wandb_project, exp_dir)))

@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
                                          teacher=teacher)
         metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
-                    "img_size": fer_cfg["img_size"], "world_size": world, **startup}
+                    "finished_at": time.time(), "img_size": fer_cfg["img_size"], "world_size": world, **startup}
         if scheduler is not None:
             scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else scheduler.step()
         history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})

@@ -178,5 +178,5 @@ def test_asha_stops_trials_tied_on_accuracy_by_their_loss():
         return out
 
     assert stopped("val_acc") == []
-    assert stopped("val_score") == [1, 3, 4, 6, 7]  # each stopped trial has a higher loss than a quarter of those before
+    assert stopped("val_score") == [1, 3, 4, 6, 7]  # each one's loss is above a quarter of those before it
     assert SweepConfig().metric == "val_score"
