@@ -28,7 +28,7 @@ import pandas as pd
 from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
 from ray.tune.schedulers.hyperband import _Bracket  # one HyperBand bracket = synchronous successive halving
 from ray.tune.search import BasicVariantGenerator
 
@@ -98,7 +98,9 @@ class SuccessiveHalving(HyperBandScheduler):
     its process; it resumes from its epoch checkpoint). When all have reported, the best ⌈n / reduction_factor⌉
     go on to ``grace_period × reduction_factor`` epochs, and so on up to ``max_t``. Trials start only while
     fewer than ``max_running`` run: Tune's searcher-side limit counts paused trials as live and would deadlock.
-    Trials already finished when a sweep is resumed are left out of the bracket (they cannot report again).
+    On ``--resume`` the bracket restarts: finished trials are left out (they cannot report again) and the live
+    ones, already past the rungs they had cleared, are halved through those rungs again (keeping all of them, as
+    they are the ones the interrupted run kept) until the interrupted rung's decision is due.
     """
 
     def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, num_trials: int,
@@ -123,6 +125,15 @@ class SuccessiveHalving(HyperBandScheduler):
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
         if trial in self._trial_info:
             super().on_trial_remove(tune_controller, trial)
+
+    def _process_bracket(self, tune_controller, bracket: _Bracket) -> str:
+        action = super()._process_bracket(tune_controller, bracket)
+        # Trials restored by ``--resume`` may already be past several rungs (the bracket restarts at the first):
+        # halve again while everyone is past the current rung, so that one of them goes on instead of all waiting.
+        while (action == TrialScheduler.PAUSE and not bracket.trials_to_unpause and bracket.cur_iter_done()
+               and not bracket.finished()):
+            action = super()._process_bracket(tune_controller, bracket)
+        return action
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         running = sum(t.status == Trial.RUNNING for t in tune_controller.get_trials())

@@ -151,32 +151,3 @@ def test_trials_index_the_shared_dataset_in_place():
         assert torch.equal(view[torch.arange(len(view))], torch.from_numpy(images[arrays["splits"][name]]))
         assert y.tolist() == (arrays["splits"][name] % 7).tolist()
 
-
-def test_asha_stops_trials_tied_on_accuracy_by_their_loss():
-    """Eight trials all at the majority-class accuracy after epoch 1 (as on a real sweep's first rung): ranked on
-    ``val_acc`` every one passes the rung; on the default ``val_score`` the higher-loss ones are stopped."""
-    from types import SimpleNamespace
-
-    from ray.tune.schedulers import TrialScheduler
-
-    from fer_ray.config import SweepConfig
-    from fer_ray.sweep import make_scheduler
-
-    def stopped(metric: str) -> list[int]:
-        sched = make_scheduler(SweepConfig.from_dict({"metric": metric, "train": {"epochs": 8},
-                                                      "asha": {"max_t": 8, "grace_period": 1,
-                                                               "reduction_factor": 4}}))
-        sched.set_search_properties(metric, "max")
-        out = []
-        for i, loss in enumerate([1.81, 1.83, 1.80, 1.82, 1.84, 1.79, 1.85, 1.86]):
-            trial = SimpleNamespace(trial_id=f"t{i}", config={})
-            sched.on_trial_add(None, trial)
-            acc = 0.25
-            result = {"epoch": 1, "val_acc": acc, "val_loss": loss, "val_score": acc - engine.SCORE_TIEBREAK * loss}
-            if sched.on_trial_result(None, trial, result) == TrialScheduler.STOP:
-                out.append(i)
-        return out
-
-    assert stopped("val_acc") == []
-    assert stopped("val_score") == [1, 3, 4, 6, 7]  # each one's loss is above a quarter of those before it
-    assert SweepConfig().metric == "val_score"
