@@ -28,6 +28,7 @@ def train_gflops(spec: str, n_images: int) -> dict:
     cfg = TrainConfig(model=arch, img_size=int(size), epochs=1, batch_size=64, lr=1e-3, optimizer="adamw")
     model = create_model(arch, img_size=int(size))
     gmacs = count_gmacs(model, img_size=int(size))
+    model = model.to(memory_format=torch.channels_last)  # as fer_ray.train lays it out for training
     pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
     opt = engine.build_optimizer(cfg, model.parameters())
     x = torch.randint(0, 256, (n_images, 48, 48), dtype=torch.uint8)
