@@ -1,4 +1,5 @@
-"""The Ray Tune layer: an ASHA sweep where each trial is one TorchTrainer run (the Train V2 pattern).
+"""The Ray Tune layer: a successive-halving sweep (Tune's ASHA, or ``SuccessiveHalving``, the synchronous kind)
+where each trial is one TorchTrainer run (the Train V2 pattern).
 
 ``run_sweep`` writes the experiment folder ``results/<name>/``::
 
@@ -11,7 +12,8 @@
     trials.parquet      one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint
 
 A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
-``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where ASHA (on ``epoch``) stops trials.
+``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the scheduler (on ``epoch``, ranking
+``val_score``) stops or pauses trials.
 GPU trials are pinned to one GPU type by the sweep's ``placement`` rules (``fer_ray.placement``).
 """
 
