@@ -32,7 +32,7 @@ def make_experiment(root: Path, members: int, sizes: dict[str, int]) -> None:
             x[:, np.arange(len(y)), y] += strength
             ids = np.array([f"{split}{j}" for j in range(len(y))])
             meta = {"member": tid, "split": split, "role": ROLES[split], "views": VIEWS}
-            write_logits(root / "logits" / tid / f"{split}.parquet", x, y, ids, VIEWS, meta)
+            write_logits(root, tid, split, x, y, ids, VIEWS, meta)
         rows.append({"trial_id": tid, "arch": "basic_cnn", "img_size": 48, "in_chans": 1, "params": 1000,
                      "gmacs": float(rng.uniform(0.02, 0.5)), "best_val_acc": strength / 3, "best_epoch": 1,
                      "epochs_run": 1, "stopped_early": False, "checkpoint": "x", "config": "{}"})

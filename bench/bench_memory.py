@@ -84,17 +84,17 @@ def _anon_mb() -> float:
 def split_cost(holder: list, gather: bool) -> float:
     """MB of private memory one trial process adds to hold its train and val splits of the shared dataset:
     ``gather`` = index them into arrays of their own (a notebook's ``images[train_idx]``; fer_ray before
-    2026-11-26), else fer_ray's views (``fer_ray.train._split_tensors``)."""
+    2026-11-26), else fer_ray's views (``fer_ray.loop.split_tensors``)."""
     import torch
 
-    from fer_ray.train import _split_tensors
+    from fer_ray.loop import split_tensors
 
     arrays = ray.get(holder[0])  # the object store's pages, mapped read-only
     before = _anon_mb()
     if gather:
         held = [torch.from_numpy(np.ascontiguousarray(arrays["images"][arrays["splits"][s]])) for s in ("train", "val")]
     else:
-        held = _split_tensors(arrays, torch.device("cpu"))
+        held = split_tensors(arrays, torch.device("cpu"))
     after = _anon_mb()
     del held
     return after - before

@@ -1,14 +1,18 @@
-"""Self-describing checkpoints: save atomically with a sha256 manifest, verify, load and rebuild the model.
+"""Self-describing checkpoints: one folder per checkpoint holding ``epoch_NNN.pt`` and its sha256 manifest.
 
-A checkpoint is one ``torch.save`` file holding ``arch``, ``model_args`` (what ``create_model`` needs),
+A checkpoint file is one ``torch.save`` payload holding ``arch``, ``model_args`` (what ``create_model`` needs),
 ``fer_cfg`` (input size, channels, normalisation), the trial ``config``, ``epoch``, ``metrics``, the model
-``state_dict`` and the optimizer/scheduler states for resuming. It is loaded with ``weights_only=True``, and
-its sha256 must match ``manifest.json`` beside it (written at save time), so a tampered file is refused.
+``state_dict`` and the optimizer/scheduler/GradScaler states for resuming. Training writes it into a local temp
+folder that Ray Train (or Ray Tune, for in-process trials) persists to the experiment's storage
+(``ray.train.report(checkpoint=Checkpoint.from_directory(d))``); from then on it is read by location: a local path
+or any URI ``fer_ray.storage`` opens (``s3://...``), or a ``ray.train.Checkpoint``. It is loaded with
+``weights_only=True`` only after its sha256 matches ``manifest.json`` beside it, so a tampered file is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -18,83 +22,114 @@ from torch import nn
 
 from fer_ray.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from fer_ray.models import create_model
+from fer_ray.storage import Storage, StorageError, parent_and_name
 
 MANIFEST = "manifest.json"
-_EPOCH_RE = re.compile(r"epoch_(\d+)\.pt$")
+EPOCH_RE = re.compile(r"epoch_(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or fails its sha256 check."""
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"
 
 
-def _read_manifest(directory: Path) -> dict[str, str]:
-    p = directory / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def save_checkpoint(directory: str | Path, epoch: int, model: nn.Module, config: dict, metrics: dict,
-                    optimizer_state: dict | None = None, scheduler_state: dict | None = None,
-                    keep: set[int] | None = None) -> Path:
-    """Write ``epoch_<n>.pt`` atomically and record its sha256; prune epochs not in ``keep`` (if given)."""
-    directory = Path(directory)
+def make_payload(model: nn.Module, epoch: int, config: dict, metrics: dict, optimizer_state: dict | None = None,
+                 scheduler_state: dict | None = None, scaler_state: dict | None = None, **extra) -> dict:
+    """The self-describing checkpoint of ``model`` (a DDP wrapper is unwrapped) after ``epoch`` epochs."""
     module = model.module if hasattr(model, "module") else model
     cfg = module.fer_cfg
-    payload = {
+    return {
         "format": 1, "arch": cfg["arch"], "epoch": epoch, "metrics": metrics, "config": config, "fer_cfg": cfg,
         "model_args": {"num_classes": config.get("num_classes", 7), "in_chans": cfg["in_chans"],
                        "img_size": cfg["img_size"], "drop_rate": config.get("drop_rate"),
                        **config.get("model_kwargs", {})},
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "optimizer": optimizer_state, "scheduler": scheduler_state,
+        "optimizer": optimizer_state, "scheduler": scheduler_state, "scaler": scaler_state, **extra,
     }
-    path = directory / f"epoch_{epoch:03d}.pt"
-    atomic_write_bytes(path, lambda f: torch.save(payload, f))
-    manifest = _read_manifest(directory)
-    manifest[path.name] = sha256_file(path)
-    if keep is not None:
-        for name in list(manifest):
-            m = _EPOCH_RE.match(name)
-            if m and int(m.group(1)) not in keep and name != path.name:
-                (directory / name).unlink(missing_ok=True)
-                del manifest[name]
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def write_checkpoint(directory: str | Path, payload: dict) -> Path:
+    """Write ``payload`` as ``<directory>/epoch_NNN.pt`` (atomically) and record its sha256 in the manifest."""
+    directory = Path(directory)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    path = directory / checkpoint_name(payload["epoch"])
+    atomic_write_bytes(path, lambda f: f.write(data))
+    manifest_path = directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest[path.name] = hashlib.sha256(data).hexdigest()
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
-    """Load a checkpoint with ``weights_only=True`` after checking its sha256 against the manifest."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if verify:
-        expected = _read_manifest(path.parent).get(path.name)
-        if expected is None:
-            raise CheckpointError(f"{path}: not listed in {path.parent / MANIFEST}; refusing an unverified file")
-        if sha256_file(path) != expected:
-            raise CheckpointError(f"{path}: sha256 does not match {MANIFEST}; the file was modified, refusing it")
+def save_checkpoint(directory: str | Path, epoch: int, model: nn.Module, config: dict, metrics: dict,
+                    optimizer_state: dict | None = None, scheduler_state: dict | None = None) -> Path:
+    """``write_checkpoint(directory, make_payload(...))``: a verified checkpoint of ``model`` in a local folder."""
+    return write_checkpoint(directory, make_payload(model, epoch, config, metrics, optimizer_state, scheduler_state))
+
+
+def _load(folder: Storage, name: str, verify: bool) -> dict:
+    where = folder.uri_of(name)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = folder.read_bytes(name)
+    except StorageError:
+        raise CheckpointError(f"{where}: checkpoint not found") from None
+    if verify:
+        expected = manifest_sha256(folder, name)
+        if expected is None:
+            raise CheckpointError(f"{where}: not listed in {MANIFEST} beside it; refusing an unverified file")
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"{where}: sha256 does not match {MANIFEST}; the file was modified, refusing it")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many types for corrupt files)
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{where}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The highest-epoch checkpoint listed in ``directory``'s manifest, or ``None``."""
-    directory = Path(directory)
-    epochs = [(int(m.group(1)), n) for n in _read_manifest(directory) if (m := _EPOCH_RE.match(n))]
-    return directory / max(epochs)[1] if epochs else None
+def manifest_sha256(folder: Storage, name: str) -> str | None:
+    """The sha256 recorded for ``name`` in ``folder``'s manifest, or ``None``."""
+    try:
+        return folder.read_json(MANIFEST).get(name)
+    except StorageError:
+        return None
+
+
+def load_checkpoint(location: str | Path, verify: bool = True) -> dict:
+    """Load the checkpoint file at ``location`` (path or URI) with ``weights_only=True`` after its sha256 check."""
+    folder, name = parent_and_name(str(location))
+    return _load(Storage(folder), name, verify)
+
+
+def checkpoint_sha256(location: str | Path) -> str:
+    """The manifest's sha256 of the checkpoint at ``location`` (what ``load_checkpoint`` verifies the bytes against)."""
+    folder, name = parent_and_name(str(location))
+    sha = manifest_sha256(Storage(folder), name)
+    if sha is None:
+        raise CheckpointError(f"{location}: not listed in {MANIFEST} beside it")
+    return sha
+
+
+def ray_checkpoint_file(checkpoint) -> tuple[Storage, str]:
+    """``(folder, file name)`` of the one ``epoch_NNN.pt`` inside a ``ray.train.Checkpoint`` (read in place)."""
+    folder = Storage(checkpoint.path, filesystem=checkpoint.filesystem)
+    names = [n for n in folder.files() if EPOCH_RE.fullmatch(n)]
+    if len(names) != 1:
+        raise CheckpointError(f"{checkpoint.path}: expected one epoch_NNN.pt in the checkpoint, found {names}")
+    return folder, names[0]
+
+
+def load_ray_checkpoint(checkpoint) -> dict:
+    """Load (and verify) the payload inside a ``ray.train.Checkpoint``, reading it from its storage in place."""
+    folder, name = ray_checkpoint_file(checkpoint)
+    return _load(folder, name, verify=True)
 
 
 def model_from_checkpoint(ckpt: dict | str | Path) -> nn.Module:
-    """Rebuild the model by name from a checkpoint (dict or path) and load its weights; eval mode."""
+    """Rebuild the model by name from a checkpoint (dict or location) and load its weights; eval mode."""
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     model = create_model(ckpt["arch"], **ckpt["model_args"])

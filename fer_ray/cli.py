@@ -4,14 +4,14 @@
 one); ``train`` runs one Ray Train job; ``tta``, ``ensemble`` and ``report`` re-run later stages on an
 existing experiment folder; ``evaluate`` scores it on another dataset; ``distill`` trains a student of one of
 its ensembles; ``models``/``flops`` inspect the registry; ``data`` writes or summarises data.
-Bad input exits with status 2 and one line naming the file or field.
+Every ``RESULTS`` argument and ``--out`` take a local path or a storage URI (``s3://bucket/prefix?...``, ``gs://``:
+``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +21,8 @@ import yaml
 from fer_ray.checkpoint import CheckpointError
 from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
 from fer_ray.data import DataError
+from fer_ray.experiment import Experiment
+from fer_ray.storage import StorageError
 from fer_ray.store import StoreError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,66 +56,67 @@ def cmd_sweep(args) -> None:
     from fer_ray.pipeline import run_all
 
     if args.resume:
-        exp_dir = Path(args.resume)
-        cfg = load_sweep(exp_dir / "sweep.yaml")
+        exp = Experiment(args.resume)
+        cfg = exp.sweep()
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
-        exp_dir = Path(args.out) / cfg.name
-        trials = exp_dir / "trials"
-        if trials.is_dir() and any(trials.iterdir()):  # a new sweep must not mix its trials with an old one's
-            if not args.overwrite:
-                raise ConfigError(f"{exp_dir} already holds a sweep: continue it with --resume {exp_dir}, choose "
-                                  f"another --name or --out, or replace it with --overwrite")
-            shutil.rmtree(exp_dir)
-    run_all(cfg, exp_dir, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
+        exp = _new_experiment(args.out, cfg.name, args.overwrite)
+    run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
+
+
+def _new_experiment(out: str, name: str, overwrite: bool) -> Experiment:
+    """The experiment ``name`` under ``out``; one that already holds trials is refused, or with ``overwrite`` removed
+    (a new sweep must not mix its trials with an old one's)."""
+    exp = Experiment.under(out, name)
+    if exp.dirs("trials") or exp.is_file("trials.parquet"):
+        if not overwrite:
+            raise ConfigError(f"{exp.uri} already holds a sweep: continue it with --resume {exp.uri}, choose "
+                              f"another --name or --out, or replace it with --overwrite")
+        exp.delete("")
+    return exp
 
 
 def cmd_demo(args) -> None:
     args.sweep, args.resume = args.sweep or "demo.yaml", None
     args.name = args.data = args.workers_per_trial = args.gpus_per_trial = None
     args.sweep_only, args.wandb, args.overwrite = False, False, True
-    out = Path(args.out)
-    args.out = str(out.parent)
-    args.name = out.name
+    from fer_ray.storage import parent_and_name
+
+    args.out, args.name = parent_and_name(args.out)
     cmd_sweep(args)
 
 
 def cmd_train(args) -> None:
-    from fer_ray.placement import place_in_cluster
-    from fer_ray.sweep import collect_trials, write_setup
-    from fer_ray.train import init_ray, make_trainer, prepare_dataset, put_dataset
+    """One run: a one-trial sweep (so it checkpoints, retries and resumes exactly as sweep trials do)."""
+    from fer_ray.sweep import run_sweep
 
     raw = load_yaml(args.config) if args.config else {}
     train = raw.get("train", {}) | {k: v for k, v in {
         "model": args.model, "epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
         "lr": args.lr, "num_workers": args.workers, "use_gpu": args.gpu or None}.items() if v is not None}
     data = raw.get("data", {}) | ({"path": args.data} if args.data else {})
-    cfg = SweepConfig.from_dict({"name": args.name, "data": data, "train": train, "num_samples": 1,
-                                 "asha": {"max_t": train.get("epochs", TrainConfig().epochs)},
+    epochs = train.get("epochs", TrainConfig().epochs)
+    cfg = SweepConfig.from_dict({"name": args.name or time.strftime("train_%Y%m%d_%H%M%S"), "data": data,
+                                 "train": train, "num_samples": 1, "asha": {"max_t": epochs, "grace_period": epochs},
                                  "placement": raw.get("placement", {})}, "train")
-    exp_dir = (Path(args.out) / cfg.name).absolute()
-    data_obj, splits = prepare_dataset(cfg.data)
-    write_setup(cfg, exp_dir, data_obj, splits)
-    init_ray(num_cpus=args.num_cpus)
-    run_id = time.strftime("run_%Y%m%d_%H%M%S")
-    rule = cfg.rule_for(cfg.train.model)
-    make_trainer(place_in_cluster(cfg.train, rule), put_dataset(data_obj, splits), exp_dir / "trials" / run_id,
-                 exp_dir / "train", name=run_id, batch_size_cap=rule.batch_size_cap if rule else None).fit()
-    print(collect_trials(exp_dir).drop(columns=["config"]).to_string(index=False))
+    exp = _new_experiment(args.out, cfg.name, args.overwrite)
+    trials = run_sweep(cfg, exp, num_cpus=args.num_cpus)
+    print(trials.drop(columns=["config"]).to_string(index=False))
 
 
 def cmd_tta(args) -> None:
     from fer_ray.pipeline import tta_stage
 
-    paths = tta_stage(Path(args.results_dir), args.views)
-    print(f"{len(paths)} logit files under {Path(args.results_dir) / 'logits'}")
+    exp = Experiment(args.results_dir)
+    paths = tta_stage(exp, args.views)
+    print(f"{len(paths)} logit files under {exp.uri_of('logits')}")
 
 
 def cmd_ensemble(args) -> None:
     from fer_ray.ensemble import EnsembleSpec, ProtocolError, budget_search, run_ensemble
     from fer_ray.pipeline import ensemble_stage
 
-    exp = Path(args.results_dir)
+    exp = Experiment(args.results_dir)
     try:
         if args.spec:
             spec_path = Path(args.spec)
@@ -126,7 +129,7 @@ def cmd_ensemble(args) -> None:
             out = run_ensemble(exp, EnsembleSpec.from_dict(raw, str(spec_path)))
         elif args.budget_gmacs is not None:
             out = budget_search(exp, args.budget_gmacs, args.select_split)
-            print(f"candidates and Pareto front: {exp / 'pareto.csv'}")
+            print(f"candidates and Pareto front: {exp.uri_of('pareto.csv')}")
         else:
             out = ensemble_stage(exp, args.top_k, args.combiner)
     except ProtocolError as e:
@@ -138,14 +141,14 @@ def cmd_evaluate(args) -> None:
     from fer_ray.evaluate import evaluate_external
     from fer_ray.report import format_table
 
-    board = evaluate_external(Path(args.results_dir), args.data, name=args.name, fmt=args.format)
+    board = evaluate_external(args.results_dir, args.data, name=args.name, fmt=args.format)
     print(format_table(board))
 
 
 def cmd_distill(args) -> None:
     from fer_ray.distill import distill
 
-    row = distill(Path(args.results_dir), args.ensemble, args.student, epochs=args.epochs,
+    row = distill(args.results_dir, args.ensemble, args.student, epochs=args.epochs,
                   temperature=args.temperature, alpha=args.alpha, img_size=args.img_size, name=args.name,
                   num_workers=args.workers, batch_size=args.batch_size, lr=args.lr, num_cpus=args.num_cpus)
     print(row.to_string())
@@ -155,7 +158,7 @@ def cmd_report(args) -> None:
     from fer_ray.pipeline import report_stage
     from fer_ray.report import format_table
 
-    board = report_stage(Path(args.results_dir), Path(args.out) if args.out else None)
+    board = report_stage(args.results_dir, args.out)
     print(format_table(board))
 
 
@@ -234,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="run a sweep file: ASHA sweep → TTA → ensemble → leaderboard")
     s.add_argument("sweep", nargs="?", help="sweeps/<file>.yaml (or a bare file name inside sweeps/)")
-    s.add_argument("--out", default="results", help="results root (default: results)")
+    s.add_argument("--out", default="results",
+                   help="results root: a path or a URI such as s3://bucket/prefix (default: results)")
     s.add_argument("--resume", metavar="RESULTS_DIR", help="continue an interrupted sweep in this experiment folder")
     s.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no TTA/ensemble/report)")
     s.add_argument("--overwrite", action="store_true",
@@ -261,17 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, help="DDP workers (0 = in-process local mode)")
     t.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP on tensor-core GPUs)")
     t.add_argument("--num-cpus", type=int)
-    t.add_argument("--name", default="train", help="experiment name under --out")
-    t.add_argument("--out", default="results")
+    t.add_argument("--name", help="experiment name under --out (default: train_<date>_<time>)")
+    t.add_argument("--out", default="results", help="results root: a path or a URI such as s3://bucket/prefix")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing experiment of the same name")
     t.set_defaults(func=cmd_train)
 
     tt = sub.add_parser("tta", help="(re)fill the TTA logit store of an experiment")
-    tt.add_argument("results_dir")
+    tt.add_argument("results_dir", help="experiment folder or URI (results/<name>, s3://bucket/prefix/<name>)")
     tt.add_argument("--views", nargs="+", help="view names (default: the sweep's tta_views)")
     tt.set_defaults(func=cmd_tta)
 
     e = sub.add_parser("ensemble", help="combine stored TTA logits of the best trials")
-    e.add_argument("results_dir")
+    e.add_argument("results_dir", help="experiment folder or URI")
     e.add_argument("--top-k", type=int, default=3)
     e.add_argument("--combiner", default="mean_logits",
                    help="mean_logits, mean_probs, nll_weights, greedy or stacking (fitted on the selection split)")
@@ -285,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev_help = ("score every stored trial and ensemble on another dataset (all its images, any Usage) as a new "
                "report-only split; no retraining, no refitting; the leaderboard gains acc_NAME etc.")
     ev = sub.add_parser("evaluate", help=ev_help, description=ev_help)
-    ev.add_argument("results_dir", help="experiment folder (results/<name>)")
+    ev.add_argument("results_dir", help="experiment folder or URI (results/<name>)")
     ev.add_argument("--data", required=True, help="dataset path (csv, image folders, torchvision layout)")
     ev.add_argument("--name", help="split name (default: ext_<file or folder stem>)")
     ev.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
@@ -295,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(from its stored fitted numbers), loss = alpha*T^2*KL + (1-alpha)*CE, trained under Ray Train, "
                "selected on val, scored with TTA as member distill:<student> and added to the leaderboard")
     di = sub.add_parser("distill", help=di_help, description=di_help)
-    di.add_argument("results_dir", help="experiment folder (results/<name>)")
+    di.add_argument("results_dir", help="experiment folder or URI (results/<name>)")
     di.add_argument("--ensemble", required=True, help="name of a built ensemble (ensembles/<name>.json there)")
     di.add_argument("--student", required=True, help="registry name or timm/<name> (see `fer-ray models`)")
     di.add_argument("--epochs", type=int, help="default: the sweep's train.epochs")
@@ -310,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.set_defaults(func=cmd_distill)
 
     r = sub.add_parser("report", help="leaderboard CSV/Markdown + HTML report with plots")
-    r.add_argument("results_dir")
-    r.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
+    r.add_argument("results_dir", help="experiment folder or URI")
+    r.add_argument("--out", help="output folder or URI (default: RESULTS_DIR/report)")
     r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("models", help="list registered models")
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("sweep: give a sweep file or --resume RESULTS_DIR")
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, StoreError, yaml.YAMLError) as e:
+    except (ConfigError, DataError, CheckpointError, StoreError, StorageError, yaml.YAMLError) as e:
         print(f"fer-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

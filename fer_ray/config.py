@@ -405,27 +405,40 @@ def set_path(d: dict, dotted: str, value: Any) -> dict:
     return out
 
 
+def parse_yaml(text: str, where: str) -> dict:
+    """A YAML mapping from ``text``; errors are one line naming ``where`` (a file or URI) and the line."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return raw
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with file-naming one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
+    return parse_yaml(path.read_text(), str(path))
+
+
+def parse_sweep(text: str, where: str, default_name: str = "sweep") -> SweepConfig:
+    """A ``SweepConfig`` from YAML text; errors name ``where`` and the field."""
+    raw = parse_yaml(text, where)
+    raw.setdefault("name", default_name)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return raw
+        return SweepConfig.from_dict(raw, "sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
     """Parse a sweep YAML file; errors name the file and the field."""
-    raw = load_yaml(path)
-    raw.setdefault("name", Path(path).stem)
-    try:
-        return SweepConfig.from_dict(raw, "sweep")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    return parse_sweep(path.read_text(), str(path), default_name=path.stem)

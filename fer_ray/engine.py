@@ -70,16 +70,37 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     np.random.seed(value % 2**32)
 
 
+def amp_rule(amp: str, capability: tuple[int, int] | None) -> torch.dtype | None:
+    """The AMP dtype for ``TrainConfig.amp`` on a device of compute ``capability`` (``None``: the CPU).
+
+    ``fp16``/``bf16`` are used as asked, on any device (the CPU runs them through ``torch.autocast("cpu")``, which
+    is how CI exercises the GPU's AMP code). ``auto``: bf16 on sm_80 and newer (Ampere+: native bf16 tensor cores),
+    fp16 + GradScaler on sm_70/sm_75 (Volta, Turing: fp16 tensor cores; ``torch.cuda.is_bf16_supported()`` answers
+    True there too, through slow emulation, so it is not asked), fp32 below sm_70 and on the CPU.
+    """
+    if amp == "off":
+        return None
+    if amp in ("fp16", "bf16"):
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+    if capability is None or capability < (7, 0):
+        return None
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """AMP dtype: bf16/fp16 on tensor-core GPUs (compute capability >= 7.0), ``None`` (fp32) elsewhere."""
-    if cfg.amp == "off" or device.type != "cuda":
-        return None
-    if cfg.amp in ("fp16", "bf16"):
-        return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 7:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """``amp_rule`` for ``cfg.amp`` on ``device`` (its compute capability when it is a GPU)."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return amp_rule(cfg.amp, cap)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` with ``dtype``, or a no-op context for fp32 (``dtype`` ``None``)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A ``GradScaler`` for fp16 training on ``device`` (CUDA or CPU), ``None`` for bf16/fp32 (nothing to scale)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -189,8 +210,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         x = preprocess(augment(preprocess.to_float(images[idx])))
         y = labels[idx]
         x, target = loss_fn.mix(x, y)
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with ctx:
+        with autocast(device, amp_dtype):
             logits = model(x)
             loss = loss_fn(logits, target) if teacher is None else loss_fn(logits, target, teacher[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -224,8 +244,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, preprocess: nn.Module
     model.eval()
     out = []
     for idx in shard_batches(len(images), batch_size, shuffle=False, drop_last=False):
-        ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with ctx:
+        with autocast(images.device, amp_dtype):
             out.append(model(preprocess(images[idx.to(images.device)])).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

@@ -14,17 +14,15 @@ split raises ``ProtocolError``. ``run_ensemble`` writes ``ensembles/<name>.json`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax
 
-from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text
 from fer_ray.config import ConfigError, _Config
+from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, softmax
 from fer_ray.store import LogitSet, load_store, write_logits
 
@@ -83,9 +81,9 @@ class EnsembleSpec(_Config):
             raise ConfigError(f"temperature: must be true or false, got {self.temperature!r}")
 
 
-def check_role(results_dir: Path, split: str) -> None:
+def check_role(exp: Experiment, split: str) -> None:
     """Refuse to fit/select on a split whose role is not ``select``."""
-    roles = json.loads((Path(results_dir) / "split_roles.json").read_text())
+    roles = as_experiment(exp).roles()
     if roles.get(split) != "select":
         raise ProtocolError(f"split {split!r} has role {roles.get(split)!r}; ensembles are fitted and selected only "
                             f"on the selection split ({', '.join(k for k, v in roles.items() if v == 'select')})")
@@ -250,15 +248,15 @@ def _select_members(spec: EnsembleSpec, trials: pd.DataFrame, store: dict) -> li
     return ranked.trial_id.head(int(spec.members.get("top_k", 3))).tolist()
 
 
-def _base_store(exp: Path) -> dict[str, dict[str, LogitSet]]:
+def _base_store(exp: Experiment) -> dict[str, dict[str, LogitSet]]:
     return {m: s for m, s in load_store(exp).items() if not m.startswith("ensemble:")}
 
 
-def run_ensemble(results_dir: str | Path, spec: EnsembleSpec) -> dict:
+def run_ensemble(exp: Experiment | str, spec: EnsembleSpec) -> dict:
     """Build ``spec`` from the store, write ``ensembles/<name>.json`` and the ensemble's logits per split."""
-    exp = Path(results_dir)
+    exp = as_experiment(exp)
     check_role(exp, spec.select_split)
-    trials = pd.read_parquet(exp / "trials.parquet")
+    trials = exp.trials()
     store = _base_store(exp)
     members = _select_members(spec, trials, store)
     gmacs = trials.set_index("trial_id").gmacs
@@ -282,14 +280,13 @@ def run_ensemble(results_dir: str | Path, spec: EnsembleSpec) -> dict:
     if "greedy_picks" in fitted:
         fitted["greedy_picks"] = [members[i] for i in fitted["greedy_picks"]]
     members = [members[i] for i in fitted.pop("kept")]
-    roles = json.loads((exp / "split_roles.json").read_text())
+    roles = exp.roles()
     total = float(sum(gmacs[m] for m in members) * len(views))
     metrics = {}
     for split in store[members[0]]:
         sets = [store[m][split] for m in members]
         logits = apply_fitted(np.stack([member_logits(s, views) for s in sets]), fitted)
-        write_logits(exp / "logits" / f"ensemble:{spec.name}" / f"{split}.parquet", logits[None], sets[0].labels,
-                     sets[0].ids, ["combined"],
+        write_logits(exp, f"ensemble:{spec.name}", split, logits[None], sets[0].labels, sets[0].ids, ["combined"],
                      {"member": f"ensemble:{spec.name}", "kind": "ensemble", "members": members, "views": ["combined"],
                       "member_views": list(views), "split": split, "role": roles.get(split), "combiner": spec.combiner,
                       "selected_on": spec.select_split, "gmacs_per_view": total})
@@ -298,14 +295,14 @@ def run_ensemble(results_dir: str | Path, spec: EnsembleSpec) -> dict:
     out = {"name": spec.name, "spec": spec.to_dict(), "members": members, "views": list(views),
            "weights": fitted["weights"], "combiner": spec.combiner, "fitted": fitted, "dropped": dropped,
            "selected_on": spec.select_split, "total_gmacs": total, "metrics": metrics}
-    atomic_write_text(exp / "ensembles" / f"{spec.name}.json", json.dumps(out, indent=1))
+    exp.write_ensemble(out)
     return out
 
 
-def reproduce_ensemble(results_dir: str | Path, name: str, split: str) -> np.ndarray:
+def reproduce_ensemble(exp: Experiment | str, name: str, split: str) -> np.ndarray:
     """``[N, C]`` logits of ensemble ``name`` on ``split``, rebuilt from ``ensembles/<name>.json`` (no refit)."""
-    exp = Path(results_dir)
-    info = json.loads((exp / "ensembles" / f"{name}.json").read_text())
+    exp = as_experiment(exp)
+    info = exp.ensemble(name)
     store = load_store(exp, [split])
     return apply_fitted(np.stack([member_logits(store[m][split], info["views"]) for m in info["members"]]),
                         info["fitted"])
@@ -339,15 +336,15 @@ def _grow(stack: np.ndarray, labels: np.ndarray) -> list[tuple[list[int], float]
     return out
 
 
-def budget_candidates(results_dir: str | Path, select_split: str = "val") -> pd.DataFrame:
+def budget_candidates(exp: Experiment | str, select_split: str = "val") -> pd.DataFrame:
     """Candidate ensembles (``mean_logits``) per TTA view subset, with cost and selection-split accuracy.
 
     Columns: ``views``, ``members`` (growth order), ``n_members``, ``gmacs`` (Σ member GMACs × views),
     ``select_acc``, ``on_front``. Duplicates (same views and member set) are dropped.
     """
-    exp = Path(results_dir)
+    exp = as_experiment(exp)
     check_role(exp, select_split)
-    trials = pd.read_parquet(exp / "trials.parquet").set_index("trial_id")
+    trials = exp.trials().set_index("trial_id")
     store = _base_store(exp)
     members = [m for m in trials.index if m in store and select_split in store[m]]
     if not members:
@@ -372,14 +369,14 @@ def budget_candidates(results_dir: str | Path, select_split: str = "val") -> pd.
     return cand
 
 
-def budget_search(results_dir: str | Path, budget_gmacs: float, select_split: str = "val",
+def budget_search(exp: Experiment | str, budget_gmacs: float, select_split: str = "val",
                   name: str | None = None) -> dict:
     """Build the most accurate candidate (on the selection split) costing ≤ ``budget_gmacs``; write ``pareto.csv``.
 
     Selection uses only ``select_split``; report-split accuracy of the Pareto points and the chosen one is added
     to ``pareto.csv`` afterwards (``acc_<split>`` per report split) for the plot, never to choose.
     """
-    exp = Path(results_dir)
+    exp = as_experiment(exp)
     cand = budget_candidates(exp, select_split)
     fits = cand[cand.gmacs <= budget_gmacs + 1e-12]
     if fits.empty:
@@ -388,7 +385,7 @@ def budget_search(results_dir: str | Path, budget_gmacs: float, select_split: st
     best = fits.sort_values(["select_acc", "gmacs", "n_members"], ascending=[False, True, True]).index[0]
     cand["chosen"] = cand.index == best
     cand["budget_gmacs"] = float(budget_gmacs)
-    roles = json.loads((exp / "split_roles.json").read_text())
+    roles = exp.roles()
     store = _base_store(exp)
     shown = cand.on_front | cand.chosen
     for split in [s for s, r in roles.items() if r == "report"]:
@@ -399,12 +396,12 @@ def budget_search(results_dir: str | Path, budget_gmacs: float, select_split: st
             if all(split in store[m] for m in ms):
                 total = sum(member_logits(store[m][split], views).astype(np.float64) for m in ms)
                 cand.at[i, col] = float((total.argmax(1) == store[ms[0]][split].labels).mean())
-    atomic_write_bytes(exp / "pareto.csv", lambda f: cand.to_csv(f, index=False))
+    pareto_location = exp.write_pareto(cand)
     row = cand.loc[best]
     spec = EnsembleSpec(name=name or f"budget_{budget_gmacs:g}gmacs", members=row.members.split(),
                         views=row.views.split(), combiner="mean_logits", select_split=select_split)
     out = run_ensemble(exp, spec)
     out["budget_search"] = {"budget_gmacs": float(budget_gmacs), "candidates": len(cand),
-                            "pareto_points": int(cand.on_front.sum()), "pareto_csv": str(exp / "pareto.csv")}
-    atomic_write_text(exp / "ensembles" / f"{spec.name}.json", json.dumps(out, indent=1))
+                            "pareto_points": int(cand.on_front.sum()), "pareto_csv": pareto_location}
+    exp.write_ensemble(out)
     return out

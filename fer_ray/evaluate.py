@@ -13,7 +13,6 @@ new student there too).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from fer_ray.checkpoint import atomic_write_text
-from fer_ray.config import ConfigError, load_sweep
+from fer_ray.config import ConfigError
 from fer_ray.data import CLASSES, SPLITS, FERData
 from fer_ray.ensemble import reproduce_ensemble
+from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics
-from fer_ray.report import member_table, write_report
+from fer_ray.report import leaderboard, member_table, write_report
 from fer_ray.store import read_logits, write_logits
 from fer_ray.tta import fill_store
 
@@ -40,42 +39,43 @@ def default_split_name(path: str | Path) -> str:
     return "ext_" + (re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "data")
 
 
-def _check_name(exp: Path, name: str, roles: dict[str, str], external: dict) -> None:
+def _check_name(exp: Experiment, name: str, roles: dict[str, str], external: dict) -> None:
     if not _NAME_RE.match(name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a file name)")
     if name in SPLITS or (name in roles and name not in external):
-        raise ConfigError(f"--name {name!r}: {exp} already has a split of that name (role {roles.get(name)!r}); "
+        raise ConfigError(f"--name {name!r}: {exp.uri} already has a split of that name (role {roles.get(name)!r}); "
                           "choose another name")
 
 
-def _views_of(exp: Path, member: str, roles: dict[str, str]) -> list[str]:
+def _views_of(exp: Experiment, member: str, roles: dict[str, str]) -> list[str]:
     """The TTA views ``member`` was stored with (read from any of its non-ensemble store files)."""
     for split in [s for s, r in roles.items() if r == "select"] + list(roles):
-        path = exp / "logits" / member / f"{split}.parquet"
-        if path.is_file():
-            return list(read_logits(path).views)
-    raise ConfigError(f"{exp}: member {member!r} has no stored logits (run `fer-ray tta` first)")
+        if exp.has_logits(member, split):
+            return list(read_logits(exp, member, split).views)
+    raise ConfigError(f"{exp.uri}: member {member!r} has no stored logits (run `fer-ray tta` first)")
 
 
-def _drop_stale(path: Path, ids: np.ndarray) -> None:
+def _drop_stale(exp: Experiment, member: str, split: str, ids: np.ndarray) -> None:
     """Remove a stored file of this split whose image ids differ (same name reused for another dataset)."""
-    if path.is_file():
-        stored = pq.read_table(path, columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False)
+    rel = exp.logits_rel(member, split)
+    if exp.is_file(rel):
+        stored = pq.read_table(exp.path(rel), columns=["image_id"], filesystem=exp.fs).column("image_id")
+        stored = stored.to_numpy(zero_copy_only=False)
         n = len(ids)
         if len(stored) % max(n, 1) or not np.array_equal(stored[:n].astype(str), ids):
-            path.unlink()
+            exp.delete(rel)
 
 
-def score_members(exp: Path, data: FERData, name: str, members: pd.DataFrame, progress: bool = True) -> list[Path]:
+def score_members(exp: Experiment, data: FERData, name: str, members: pd.DataFrame, progress: bool = True) -> list[str]:
     """TTA logits of each row of ``members`` (a ``member_table`` slice) on all of ``data`` as split ``name``.
 
     Members with nothing in the store yet (never TTA-scored) are skipped: the leaderboard lists stored ones only.
     """
-    roles = json.loads((exp / "split_roles.json").read_text())
+    roles = exp.roles()
     ids = data.ids.astype(str)
     by_views: dict[tuple, list[str]] = {}
-    for member in [m for m in members.index if (exp / "logits" / m).is_dir()]:
-        _drop_stale(exp / "logits" / member / f"{name}.parquet", ids)
+    for member in [m for m in members.index if exp.has_logits(m)]:
+        _drop_stale(exp, member, name, ids)
         by_views.setdefault(tuple(_views_of(exp, member, roles)), []).append(member)
     written = []
     for views, group in by_views.items():
@@ -85,58 +85,53 @@ def score_members(exp: Path, data: FERData, name: str, members: pd.DataFrame, pr
     return written
 
 
-def rebuild_ensembles(exp: Path, name: str) -> dict[str, dict]:
+def rebuild_ensembles(exp: Experiment, name: str) -> dict[str, dict]:
     """Each ``ensembles/<e>.json`` applied to split ``name`` from its stored fitted numbers; returns metrics per e."""
     out = {}
-    for path in sorted((exp / "ensembles").glob("*.json")):
-        info = json.loads(path.read_text())
+    for ens in exp.ensemble_names():
+        info = exp.ensemble(ens)
         logits = reproduce_ensemble(exp, info["name"], name)
-        ref = read_logits(exp / "logits" / info["members"][0] / f"{name}.parquet")
-        write_logits(exp / "logits" / f"ensemble:{info['name']}" / f"{name}.parquet", logits[None], ref.labels, ref.ids,
-                     ["combined"],
+        ref = read_logits(exp, info["members"][0], name)
+        write_logits(exp, f"ensemble:{info['name']}", name, logits[None], ref.labels, ref.ids, ["combined"],
                      {"member": f"ensemble:{info['name']}", "kind": "ensemble", "members": info["members"],
                       "views": ["combined"], "member_views": info["views"], "split": name, "role": "report",
                       "combiner": info["combiner"], "selected_on": info.get("selected_on"),
                       "gmacs_per_view": info["total_gmacs"], "reproduced": True})
         metrics = {k: v for k, v in classification_metrics(logits, ref.labels).items() if k != "confusion"}
         info.setdefault("metrics", {})[name] = metrics
-        atomic_write_text(path, json.dumps(info, indent=1))
+        exp.write_ensemble(info)
         out[info["name"]] = metrics
     return out
 
 
-def register_split(exp: Path, name: str, data: FERData, source: str, fmt: str) -> None:
+def register_split(exp: Experiment, name: str, data: FERData, source: str, fmt: str) -> None:
     """Record ``name`` as a ``report`` split in ``split_roles.json`` and its source under ``external`` in data.json."""
-    roles = json.loads((exp / "split_roles.json").read_text())
-    roles[name] = "report"
-    atomic_write_text(exp / "split_roles.json", json.dumps(roles, indent=1))
-    info = json.loads((exp / "data.json").read_text()) if (exp / "data.json").is_file() else {}
+    exp.write_roles(exp.roles() | {name: "report"})
+    info = exp.data_info()
     info.setdefault("external", {})[name] = {
         "source": source, "format": fmt, "n": len(data),
         "class_counts": np.bincount(data.labels, minlength=len(CLASSES)).tolist()}
-    atomic_write_text(exp / "data.json", json.dumps(info, indent=1))
+    exp.write_data_info(info)
 
 
-def external_splits(exp: Path) -> dict[str, dict]:
+def external_splits(exp: Experiment) -> dict[str, dict]:
     """The external splits recorded in ``data.json`` (name → source, format, n, class counts)."""
-    path = Path(exp) / "data.json"
-    return json.loads(path.read_text()).get("external", {}) if path.is_file() else {}
+    return exp.data_info().get("external", {})
 
 
-def load_external(exp: Path, source: str, fmt: str = "auto") -> FERData:
+def load_external(exp: Experiment, source: str, fmt: str = "auto") -> FERData:
     """Every image of ``source`` (all usages), read through the experiment's data cache."""
     from fer_ray.data.ingest import load_dataset
 
-    cache = load_sweep(exp / "sweep.yaml").data.cache_dir
-    return load_dataset(source, fmt=fmt, cache_dir=cache)
+    return load_dataset(source, fmt=fmt, cache_dir=exp.sweep().data.cache_dir)
 
 
-def evaluate_external(results_dir: str | Path, data_path: str | Path, name: str | None = None, fmt: str = "auto",
+def evaluate_external(exp: Experiment | str, data_path: str | Path, name: str | None = None, fmt: str = "auto",
                       progress: bool = True) -> pd.DataFrame:
     """Score every stored member and ensemble of an experiment on another dataset; rewrite the report.
 
     Args:
-        results_dir: The experiment folder (``results/<name>``).
+        exp: The experiment (``results/<name>``, or its URI).
         data_path: Any dataset ``load_dataset`` reads; all of its images form the new split.
         name: Split name (default ``default_split_name(data_path)``); must not clash with the run's own splits.
         fmt: ``auto``, ``csv``, ``folders`` or ``torchvision``.
@@ -149,15 +144,13 @@ def evaluate_external(results_dir: str | Path, data_path: str | Path, name: str 
         ConfigError: A clashing or unusable name, or members without stored logits.
         DataError: The dataset cannot be read.
     """
-    exp = Path(results_dir)
+    exp = as_experiment(exp)
     name = name or default_split_name(data_path)
-    roles = json.loads((exp / "split_roles.json").read_text())
-    external = external_splits(exp)
-    _check_name(exp, name, roles, external)
+    _check_name(exp, name, exp.roles(), external_splits(exp))
     data = load_external(exp, str(data_path), fmt)
     register_split(exp, name, data, str(Path(data_path).absolute()), fmt)  # role first: never selectable
-    members = member_table(exp)
-    score_members(exp, data, name, members, progress=progress)
+    score_members(exp, data, name, member_table(exp), progress=progress)
     rebuild_ensembles(exp, name)
-    paths = write_report(exp, exp / "report")
-    return pd.read_csv(paths["csv"])
+    board = leaderboard(exp)
+    write_report(exp, board=board)
+    return board

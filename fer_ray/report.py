@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text
 from fer_ray.data import CLASSES
 from fer_ray.ensemble import fit_temperature, member_logits, pareto_front
+from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, reliability_curve, softmax
 from fer_ray.store import load_store
 
 COLUMNS = ["name", "kind", "members", "arch", "img_size", "tta_views", "params", "gmacs", "total_gmacs", "combiner",
            "selected_on"]
 SPLIT_ORDER = ["val", "public_test", "private_test"]
-
-
-def _roles(exp: Path) -> dict[str, str]:
-    return json.loads((exp / "split_roles.json").read_text())
 
 
 def _report_split(roles: dict[str, str]) -> str | None:
@@ -43,22 +37,23 @@ def split_order(roles: dict[str, str]) -> list[str]:
     return [s for s in SPLIT_ORDER if s in roles] + [s for s, r in roles.items() if s not in SPLIT_ORDER and r != "fit"]
 
 
-def member_table(results_dir: str | Path) -> pd.DataFrame:
+def member_table(exp: Experiment | str) -> pd.DataFrame:
     """``trials.parquet`` plus distilled students (``distilled.parquet``, ``fer-ray distill``), indexed by trial_id.
 
     Column ``kind`` is ``model`` for sweep trials and ``distill`` for students.
     """
-    exp = Path(results_dir)
-    parts = [pd.read_parquet(exp / "trials.parquet").assign(kind="model")]
-    if (exp / "distilled.parquet").is_file():
-        parts.append(pd.read_parquet(exp / "distilled.parquet").assign(kind="distill"))
+    exp = as_experiment(exp)
+    parts = [exp.trials().assign(kind="model")]
+    distilled = exp.distilled()
+    if distilled is not None:
+        parts.append(distilled.assign(kind="distill"))
     return pd.concat(parts, ignore_index=True).set_index("trial_id")
 
 
-def leaderboard(results_dir: str | Path) -> pd.DataFrame:
+def leaderboard(exp: Experiment | str) -> pd.DataFrame:
     """One row per stored model and ensemble, metrics per split, sorted by selection-split accuracy."""
-    exp = Path(results_dir)
-    roles = _roles(exp)
+    exp = as_experiment(exp)
+    roles = exp.roles()
     select = next(s for s, r in roles.items() if r == "select")
     trials = member_table(exp)
     store = load_store(exp)
@@ -66,7 +61,7 @@ def leaderboard(results_dir: str | Path) -> pd.DataFrame:
     for member, per_split in store.items():
         any_set = next(iter(per_split.values()))
         if member.startswith("ensemble:"):
-            info = json.loads((exp / "ensembles" / f"{member.split(':', 1)[1]}.json").read_text())
+            info = exp.ensemble(member.split(":", 1)[1])
             t = trials.loc[info["members"]]
             row = {"name": info["name"], "kind": "ensemble", "members": " ".join(info["members"]),
                    "arch": "+".join(sorted(set(t.arch))), "img_size": "/".join(str(s) for s in sorted(set(t.img_size))),
@@ -115,12 +110,11 @@ def _png(fig) -> str:
 _pareto = pareto_front  # the one Pareto rule, shared with ``fer_ray.ensemble.budget_search``
 
 
-def _pareto_figure(exp: Path, plt, select: str, report: str | None):
+def _pareto_figure(exp: Experiment, plt, select: str, report: str | None):
     """Budget-search candidates and their Pareto front; front points annotated with report accuracy."""
-    path = exp / "pareto.csv"
-    if not path.is_file():
+    cand = exp.pareto()
+    if cand is None:
         return None
-    cand = pd.read_csv(path)
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for i, (views, sub) in enumerate(cand.groupby("views", sort=False)):
         ax.scatter(sub.gmacs, sub.select_acc, s=14, alpha=0.5, color=f"C{i}", label=f"candidates [{views}]")
@@ -150,13 +144,13 @@ def _pareto_figure(exp: Path, plt, select: str, report: str | None):
     return fig
 
 
-def _reliability_figure(exp: Path, board: pd.DataFrame, plt, select: str, report: str | None):
+def _reliability_figure(exp: Experiment, board: pd.DataFrame, plt, select: str, report: str | None):
     """Reliability diagrams of the best ensemble, without and with a temperature fitted on ``select``."""
     ens = board[board.kind == "ensemble"]
     if ens.empty:
         return None
     name = ens.iloc[0]["name"]
-    info = json.loads((exp / "ensembles" / f"{name}.json").read_text())
+    info = exp.ensemble(name)
     sets = load_store(exp, [s for s in (select, report) if s]).get(f"ensemble:{name}", {})
     if select not in sets:
         return None
@@ -182,7 +176,7 @@ def _reliability_figure(exp: Path, board: pd.DataFrame, plt, select: str, report
     return fig
 
 
-def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, str]:
+def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,12 +230,11 @@ def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, s
             figs[title] = _png(fig)
             plt.close(fig)
 
-    trials = pd.read_parquet(exp / "trials.parquet")
+    trials = exp.trials()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for row in trials.itertuples():
-        path = exp / "trials" / row.trial_id / "metrics.parquet"
-        if path.is_file():
-            h = pd.read_parquet(path)
+        h = exp.metrics(row.trial_id)
+        if h is not None:
             ax.plot(h.epoch, h.val_acc, marker="o", color="lightgrey" if row.stopped_early else None,
                     label=None if row.stopped_early else f"{row.trial_id} {row.arch}@{row.img_size}")
     ax.set(xlabel="epoch", ylabel=f"{select} accuracy", title="ASHA trial curves (grey: stopped early)")
@@ -252,15 +245,17 @@ def _plots(exp: Path, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, s
     return figs
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``leaderboard.csv``, ``leaderboard.md`` and a self-contained ``report.html``; return their paths."""
-    exp, out = Path(results_dir), Path(out_dir)
-    roles = _roles(exp)
-    board = leaderboard(exp)
+def write_report(exp: Experiment | str, out: str | None = None, board: pd.DataFrame | None = None) -> dict[str, str]:
+    """Write ``leaderboard.csv``, ``leaderboard.md`` and a self-contained ``report.html`` into ``out`` (a path or
+    URI; default ``<experiment>/report``); return their locations. ``board``: ``leaderboard(exp)`` if already made."""
+    exp = as_experiment(exp)
+    folder = exp.report_storage(out)
+    roles = exp.roles()
+    board = leaderboard(exp) if board is None else board
     role_line = "Split roles: " + ", ".join(f"{s} = {r}" for s, r in roles.items())
-    paths = {"csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "html": out / "report.html"}
-    atomic_write_bytes(paths["csv"], lambda f: board.to_csv(f, index=False))
-    atomic_write_text(paths["md"], f"{role_line}\n\n" + board.to_markdown(index=False, floatfmt=".4f") + "\n")
+    markdown = f"{role_line}\n\n" + board.to_markdown(index=False, floatfmt=".4f") + "\n"
+    paths = {"csv": folder.write_text("leaderboard.csv", board.to_csv(index=False)),
+             "md": folder.write_text("leaderboard.md", markdown)}
     figs = _plots(exp, board, roles) if not board.empty else {}
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>fer_ray report</title>",
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
@@ -269,5 +264,5 @@ def write_report(results_dir: str | Path, out_dir: str | Path) -> dict[str, Path
             "select split. Efficiency = report accuracy % / (2 × total GMACs).</p>",
             board.to_html(index=False, float_format=lambda x: f"{x:.4f}")]
     html += [f"<h2>{title}</h2><img src='{uri}'/>" for title, uri in figs.items()]
-    atomic_write_text(paths["html"], "\n".join(html) + "</body></html>\n")
+    paths["html"] = folder.write_text("report.html", "\n".join(html) + "</body></html>\n")
     return paths

@@ -1,9 +1,9 @@
 """The logit store: one Parquet file per (member, split) holding TTA logits, labels, image ids and metadata.
 
-Layout: ``<experiment>/logits/<member>/<split>.parquet``, long format (one row per view × image) with
-columns ``view`` (dictionary), ``image_id``, ``label``, ``logit_0..logit_{C-1}`` (float32). The producer's
-metadata (arch, input size, GMACs per view, checkpoint sha256, split, split role, views, config) is JSON under
-the schema metadata key ``fer_ray``. Reading rebuilds ``[V, N, C]`` arrays without per-row Python.
+Files live in the experiment at ``logits/<member>/<split>.parquet`` (``Experiment.logits_rel``), long format (one
+row per view × image) with columns ``view`` (dictionary), ``image_id``, ``label``, ``logit_0..logit_{C-1}``
+(float32). The producer's metadata (arch, input size, GMACs per view, checkpoint sha256, split, split role, views,
+config) is JSON under the schema metadata key ``fer_ray``. Reading rebuilds ``[V, N, C]`` arrays without per-row Python.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fer_ray.checkpoint import atomic_write_bytes
+from fer_ray.experiment import Experiment, as_experiment
+from fer_ray.storage import Storage, parent_and_name
 
 META_KEY = b"fer_ray"
 
@@ -36,13 +37,13 @@ class LogitSet:
     meta: dict = field(default_factory=dict)
 
 
-def write_logits(path: str | Path, logits: np.ndarray, labels: np.ndarray, ids: np.ndarray, views: list[str],
-                 meta: dict) -> Path:
-    """Write one member × split to ``path`` atomically; ``logits`` is ``[V, N, C]``."""
+def logit_table(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray, views: list[str], meta: dict,
+                where: str = "") -> pa.Table:
+    """The store's table for ``logits [V, N, C]`` (one row per view × image) with ``meta`` in its schema."""
     logits = np.asarray(logits, dtype=np.float32)
     v, n, c = logits.shape
     if len(views) != v or len(labels) != n or len(ids) != n:
-        raise StoreError(f"{path}: shapes disagree: logits {logits.shape}, {len(views)} views, {len(labels)} labels")
+        raise StoreError(f"{where}: shapes disagree: logits {logits.shape}, {len(views)} views, {len(labels)} labels")
     cols = {
         "view": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(v, dtype=np.int32), n)),
                                                pa.array(list(views))),
@@ -52,15 +53,42 @@ def write_logits(path: str | Path, logits: np.ndarray, labels: np.ndarray, ids: 
     flat = logits.reshape(v * n, c)
     for k in range(c):
         cols[f"logit_{k}"] = pa.array(flat[:, k])
-    table = pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(meta, default=str).encode()})
-    path = Path(path)
-    atomic_write_bytes(path, lambda f: pq.write_table(table, f))
-    return path
+    return pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(meta, default=str).encode()})
 
 
-def read_logits(path: str | Path) -> LogitSet:
-    """Read one store file back into ``[V, N, C]`` arrays."""
-    table = pq.read_table(path)
+def write_logits(exp: Experiment | str, member: str, split: str, logits: np.ndarray, labels: np.ndarray,
+                 ids: np.ndarray, views: list[str], meta: dict) -> str:
+    """Write one member × split into the experiment's store (atomically); ``logits`` is ``[V, N, C]``."""
+    exp = as_experiment(exp)
+    rel = exp.logits_rel(member, split)
+    table = logit_table(logits, labels, ids, views, meta, rel)
+    return exp.write_with(rel, lambda f: pq.write_table(table, f))
+
+
+def read_meta(exp: Experiment | str, member: str, split: str) -> dict:
+    """The producer's metadata of one stored file, without reading its rows (``{}`` if it has none)."""
+    exp = as_experiment(exp)
+    schema = pq.read_schema(exp.path(exp.logits_rel(member, split)), filesystem=exp.fs)
+    return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+
+
+def read_logits(exp: Experiment | str, member: str, split: str) -> LogitSet:
+    """Read one stored member × split back into ``[V, N, C]`` arrays."""
+    exp = as_experiment(exp)
+    rel = exp.logits_rel(member, split)
+    if not exp.is_file(rel):
+        raise StoreError(f"{exp.uri_of(rel)}: no stored logits (run `fer-ray tta` first)")
+    return _read(pq.read_table(exp.path(rel), filesystem=exp.fs))
+
+
+def read_logit_file(location: str | Path) -> LogitSet:
+    """Read a logit file written with ``logit_table`` anywhere (a path or URI), e.g. a student's teacher logits."""
+    folder, name = parent_and_name(str(location))
+    storage = Storage(folder)
+    return _read(pq.read_table(storage.path(name), filesystem=storage.fs))
+
+
+def _read(table: pa.Table) -> LogitSet:
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
     views = meta.get("views") or table.column("view").chunk(0).dictionary.to_pylist()
     v = len(views)
@@ -71,12 +99,12 @@ def read_logits(path: str | Path) -> LogitSet:
                     table.column("image_id").to_numpy(zero_copy_only=False)[:n], list(views), meta)
 
 
-def load_store(results_dir: str | Path, splits: list[str] | None = None) -> dict[str, dict[str, LogitSet]]:
+def load_store(exp: Experiment | str, splits: list[str] | None = None) -> dict[str, dict[str, LogitSet]]:
     """All stored members → split → ``LogitSet``; checks that members of one split agree on ids and labels."""
+    exp = as_experiment(exp)
     out: dict[str, dict[str, LogitSet]] = {}
-    for path in sorted(Path(results_dir, "logits").glob("*/*.parquet")):
-        if splits is None or path.stem in splits:
-            out.setdefault(path.parent.name, {})[path.stem] = read_logits(path)
+    for member, split in exp.store_entries(splits):
+        out.setdefault(member, {})[split] = read_logits(exp, member, split)
     # The reference per split is the (ids, labels) pair most members share, so the odd one out is named.
     for split in {sp for per_split in out.values() for sp in per_split}:
         keyed = {m: (tuple(map(str, ps[split].ids)), ps[split].labels.tobytes())
@@ -85,5 +113,5 @@ def load_store(results_dir: str | Path, splits: list[str] | None = None) -> dict
         common = max(values, key=values.count)
         for member, key in keyed.items():
             if key != common:
-                raise StoreError(f"logits/{member}/{split}.parquet: image ids or labels differ from other members")
+                raise StoreError(f"{exp.logits_rel(member, split)}: image ids or labels differ from other members")
     return out

@@ -1,19 +1,17 @@
 """The Ray Tune layer: a successive-halving sweep (Tune's ASHA, or ``SuccessiveHalving``, the synchronous kind)
 where each trial is one TorchTrainer run (the Train V2 pattern).
 
-``run_sweep`` writes the experiment folder ``results/<name>/``::
-
-    sweep.yaml          the resolved sweep config (``--resume`` reads it back)
-    split_roles.json    {"train": "fit", "val": "select", "public_test": "report", ...}
-    data.json           data source, split sizes and class counts
-    tune/               Ray Tune's experiment state (``Tuner.restore`` resumes from it)
-    train/              Ray Train's per-trial run folders
-    trials/<trial_id>/  checkpoints/epoch_NNN.pt + manifest.json, history.json, metrics.parquet
-    trials.parquet      one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint
+``run_sweep`` writes into an ``Experiment`` (``fer_ray.experiment`` owns the layout; its root may be a local path,
+NFS or a bucket URI): the resolved ``sweep.yaml``, ``split_roles.json``, ``data.json``, Tune's state in ``tune/``,
+each DDP trial's Ray Train run in ``train/train_<trial_id>/``, per-trial ``history.json`` and, at the end,
+``trials.parquet`` (one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint location).
 
 A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
 ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the scheduler (on ``epoch``, ranking
-``val_score``) stops or pauses trials.
+``val_score``) stops or pauses trials. A paused, retried or resumed trial's driver builds the same TorchTrainer
+again and Ray Train continues the run from its latest checkpoint; in-process trials (``num_workers: 0``) report
+and checkpoint through Tune, which restores them the same way. ``run_sweep(group=...)`` runs the same machinery
+for one-off runs (``fer-ray train``, a ``fer-ray distill`` student) under another prefix of the experiment.
 GPU trials are pinned to one GPU type by the sweep's ``placement`` rules (``fer_ray.placement``).
 """
 
@@ -23,7 +21,6 @@ import functools
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,13 +31,16 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialSchedule
 from ray.tune.schedulers.hyperband import _Bracket  # one HyperBand bracket = synchronous successive halving
 from ray.tune.search import BasicVariantGenerator
 
-from fer_ray.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
-from fer_ray.config import SweepConfig, TrainConfig, load_sweep, set_path
+from fer_ray.checkpoint import load_checkpoint
+from fer_ray.config import SweepConfig, TrainConfig, set_path
 from fer_ray.data import CLASSES
+from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.flops import count_gmacs, count_params
+from fer_ray.loop import best_entry, build_model
 from fer_ray.placement import cluster_gpus, place_in_cluster, trial_resources
+from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
-from fer_ray.train import build_model, init_ray, make_trainer, prepare_dataset, put_dataset
+from fer_ray.train import CHECKPOINT_KEEP, init_ray, make_trainer, prepare_dataset, put_dataset
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def param_space(cfg: SweepConfig) -> dict:
     return {"train": train}
 
 
-def trial_driver(config: dict, *, data_ref, exp_dir: str, max_failures: int, sweep: SweepConfig | None = None) -> None:
+def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failures: int,
+                 sweep: SweepConfig | None = None) -> None:
     """One trial: pin its GPU type (``fer_ray.placement``), build the TorchTrainer for its config and fit it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -72,11 +73,9 @@ def trial_driver(config: dict, *, data_ref, exp_dir: str, max_failures: int, swe
     rule = sweep.rule_for(cfg.model) if sweep else None
     if cfg.num_workers > 0:  # local mode got its GPU type with the trial's resources
         cfg = place_in_cluster(cfg, rule)
-    exp = Path(exp_dir)
     callbacks = [TuneReportCallback()] if cfg.num_workers > 0 else None
-    make_trainer(cfg, data_ref, exp / "trials" / trial_id, exp / "train", name=f"train_{trial_id}",
-                 callbacks=callbacks, in_tune=True, max_failures=max_failures,
-                 batch_size_cap=rule.batch_size_cap if rule else None).fit()
+    make_trainer(cfg, data_ref, exp_uri, trial_id, group, callbacks=callbacks, in_tune=True,
+                 max_failures=max_failures, batch_size_cap=rule.batch_size_cap if rule else None).fit()
 
 
 def _resources(config: dict, sweep: SweepConfig) -> PlacementGroupFactory:
@@ -86,8 +85,8 @@ def _resources(config: dict, sweep: SweepConfig) -> PlacementGroupFactory:
     return PlacementGroupFactory([trial_resources(cfg, sweep.rule_for(cfg.model), gpus)])
 
 
-def _trainable(cfg: SweepConfig, data_ref, exp_dir: Path):
-    fn = functools.partial(trial_driver, data_ref=data_ref, exp_dir=str(exp_dir.absolute()),
+def _trainable(cfg: SweepConfig, data_ref, exp: Experiment, group: str):
+    fn = functools.partial(trial_driver, data_ref=data_ref, exp_uri=exp.uri, group=group,
                            max_failures=cfg.max_failures, sweep=cfg)
     fn.__name__ = "trial"  # Tune names trials after the trainable
     return tune.with_resources(fn, functools.partial(_resources, sweep=cfg))
@@ -155,37 +154,44 @@ def make_scheduler(cfg: SweepConfig) -> ASHAScheduler | SuccessiveHalving:
                          reduction_factor=a.reduction_factor)
 
 
-def write_setup(cfg: SweepConfig, exp_dir: Path, data, splits) -> None:
-    import yaml
-
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(exp_dir / "sweep.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    atomic_write_text(exp_dir / "split_roles.json", json.dumps({k: SPLIT_ROLES[k] for k in splits}, indent=1))
-    info = {"source": cfg.data.path or f"synthetic(n={cfg.data.synthetic_n}, seed={cfg.data.synthetic_seed})",
-            "classes": list(CLASSES),
-            "splits": {k: {"n": int(len(v)),
-                           "class_counts": np.bincount(data.labels[v], minlength=len(CLASSES)).tolist()}
-                       for k, v in splits.items()}}
-    atomic_write_text(exp_dir / "data.json", json.dumps(info, indent=1))
+def _trial_dirname(trial: Trial) -> str:
+    """Tune's folder for a trial: its id, so ``Experiment.checkpoints`` finds in-process trials' checkpoints."""
+    return trial.trial_id
 
 
-def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_cpus: int | None = None,
-              verbose: int = 1, prepared: tuple | None = None) -> pd.DataFrame:
-    """Run (or resume) the sweep into ``exp_dir`` and return the per-trial summary (``trials.parquet``).
+def write_setup(cfg: SweepConfig, exp: Experiment | str, data, splits) -> None:
+    """The experiment's set-up files: the resolved sweep, the split roles and the data summary."""
+    exp = as_experiment(exp)
+    exp.write_sweep(cfg)
+    exp.write_roles({k: SPLIT_ROLES[k] for k in splits})
+    exp.write_data_info({
+        "source": cfg.data.path or f"synthetic(n={cfg.data.synthetic_n}, seed={cfg.data.synthetic_seed})",
+        "classes": list(CLASSES),
+        "splits": {k: {"n": int(len(v)), "class_counts": np.bincount(data.labels[v], minlength=len(CLASSES)).tolist()}
+                   for k, v in splits.items()}})
 
-    ``prepared``: ``prepare_dataset(cfg.data)``'s result when the caller already holds it.
+
+def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num_cpus: int | None = None,
+              verbose: int = 1, prepared: tuple | None = None, group: str = "", data_ref=None) -> pd.DataFrame:
+    """Run (or resume) the sweep into ``exp`` and return the per-trial summary (``trials.parquet``).
+
+    ``prepared``: ``prepare_dataset(cfg.data)``'s result when the caller already holds it. ``group``: run the trials
+    under this prefix of the experiment, without writing its set-up files or ``trials.parquet`` (``fer-ray
+    distill``), with ``data_ref`` (an object-store reference from ``put_dataset``) as the shared dataset.
     """
-    exp_dir = Path(exp_dir).absolute()
-    data, splits = prepared or prepare_dataset(cfg.data)
-    if not resume:
-        write_setup(cfg, exp_dir, data, splits)
-    init_ray(num_cpus=num_cpus)
-    trainable = _trainable(cfg, put_dataset(data, splits), exp_dir)
-    tune_dir = exp_dir / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
+    exp = as_experiment(exp)
+    if data_ref is None:
+        data, splits = prepared or prepare_dataset(cfg.data)
+        if not resume and not group:
+            write_setup(cfg, exp, data, splits)
+        init_ray(num_cpus=num_cpus)
+        data_ref = put_dataset(data, splits)
+    trainable = _trainable(cfg, data_ref, exp, group)
+    tune_uri = join_uri(exp.tune_storage(group), TUNE)
+    if resume and tune.Tuner.can_restore(tune_uri):
         # Tune restores the param_space it saved: rebuilding it from today's TrainConfig would fail the restore
         # (Tune checks the keys) whenever TrainConfig gained a field since the sweep started.
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_uri, trainable=trainable, resume_errored=True)
     else:
         # Synchronous successive halving pauses trials; the scheduler itself caps how many run at once.
         concurrent = None if cfg.asha.synchronous else cfg.max_concurrent_trials
@@ -194,40 +200,47 @@ def run_sweep(cfg: SweepConfig, exp_dir: str | Path, resume: bool = False, num_c
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=make_scheduler(cfg),
                                         num_samples=cfg.num_samples, max_concurrent_trials=concurrent,
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed,
-                                                                         max_concurrent=concurrent or 0)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=verbose,
+                                                                         max_concurrent=concurrent or 0),
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=verbose,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      callbacks=tune_callbacks(cfg.wandb, cfg.wandb_project, exp_dir)))
+                                      checkpoint_config=tune.CheckpointConfig(**CHECKPOINT_KEEP),
+                                      callbacks=tune_callbacks(cfg.wandb, cfg.wandb_project, exp)))
     tuner.fit()
-    return collect_trials(exp_dir)
+    return collect_trials(exp, cfg, group)
 
 
-def collect_trials(exp_dir: Path) -> pd.DataFrame:
-    """Summarise every trial folder into ``trials.parquet`` (+ per-trial ``metrics.parquet``)."""
-    cfg = load_sweep(exp_dir / "sweep.yaml")
-    rows = []
-    for trial_dir in sorted((exp_dir / "trials").glob("*")):
-        history_path = trial_dir / "history.json"
-        if not history_path.is_file():
-            continue
-        history = json.loads(history_path.read_text())
-        hist_df = pd.DataFrame(history)
-        atomic_write_bytes(trial_dir / "metrics.parquet", lambda f, d=hist_df: d.to_parquet(f, index=False))
-        best = max(history, key=lambda h: h["val_acc"])
-        ckpt = trial_dir / "checkpoints" / f"epoch_{best['epoch']:03d}.pt"
-        train_cfg = load_checkpoint(ckpt)["config"]
-        tc = TrainConfig.from_dict(train_cfg, "train")
-        model = build_model(tc.replace(pretrained=False))
-        rows.append({
-            "trial_id": trial_dir.name, "arch": tc.model, "img_size": model.fer_cfg["img_size"],
+def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None = None) -> dict:
+    """One trial's summary from its history and its best checkpoint (chosen by ``fer_ray.loop.best_entry``)."""
+    checkpoints = exp.checkpoints(trial_id, group)
+    if not checkpoints:
+        raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has a history but no checkpoint")
+    # An epoch whose checkpoint never reached storage (the process died in between) does not count.
+    history = [h for h in exp.history(trial_id, group) if h["epoch"] <= max(checkpoints)]
+    exp.write_metrics(trial_id, pd.DataFrame(history), group)
+    best = best_entry(history)
+    if best["epoch"] not in checkpoints:
+        raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has no checkpoint of its best epoch {best['epoch']} "
+                                f"(kept: {sorted(checkpoints)})")
+    location = checkpoints[best["epoch"]]
+    train_cfg = load_checkpoint(location)["config"]
+    tc = TrainConfig.from_dict(train_cfg, "train")
+    model = build_model(tc.replace(pretrained=False))
+    return {"trial_id": trial_id, "arch": tc.model, "img_size": model.fer_cfg["img_size"],
             "in_chans": model.fer_cfg["in_chans"], "params": count_params(model), "gmacs": count_gmacs(model),
             "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs_run": len(history),
-            "stopped_early": len(history) < min(tc.epochs, cfg.asha.max_t), "checkpoint": str(ckpt),
-            "config": json.dumps(train_cfg, sort_keys=True),
-        })
+            "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
+            "config": json.dumps(train_cfg, sort_keys=True)}
+
+
+def collect_trials(exp: Experiment | str, cfg: SweepConfig | None = None, group: str = "") -> pd.DataFrame:
+    """Summarise every trial of ``group`` (``trial_row``); the sweep's own trials also go to ``trials.parquet``."""
+    exp = as_experiment(exp)
+    cfg = cfg or exp.sweep()
+    rows = [trial_row(exp, t, group, cfg.asha.max_t) for t in exp.trial_ids(group)]
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values("best_val_acc", ascending=False).reset_index(drop=True)
-    atomic_write_bytes(exp_dir / "trials.parquet", lambda f: df.to_parquet(f, index=False))
+    if not group:
+        exp.write_trials(df)
     return df
-

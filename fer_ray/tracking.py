@@ -2,7 +2,8 @@
 
 Per-trial configs and per-epoch metrics go through Ray's ``WandbLoggerCallback``; the trial table (with
 params and GMACs) and the final leaderboard are logged once at the end. Without ``WANDB_API_KEY`` (and no
-login) W&B runs in offline mode under ``<experiment>/wandb``; the key itself is never printed or written.
+login) W&B runs in offline mode under ``<experiment>/wandb`` (``./wandb`` when the experiment is in a bucket); the
+key itself is never printed or written.
 """
 
 from __future__ import annotations
@@ -12,32 +13,38 @@ from pathlib import Path
 
 import pandas as pd
 
+from fer_ray.experiment import Experiment
 
-def _ensure_mode(exp_dir: Path) -> None:
-    os.environ.setdefault("WANDB_DIR", str(exp_dir))
+
+def _wandb_dir(exp: Experiment) -> str:
+    return str(exp.local_dir) if exp.local_dir else str(Path("wandb").absolute())
+
+
+def _ensure_mode(exp: Experiment) -> None:
+    os.environ.setdefault("WANDB_DIR", _wandb_dir(exp))
     if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
 
 
-def tune_callbacks(enabled: bool, project: str, exp_dir: Path) -> list:
+def tune_callbacks(enabled: bool, project: str, exp: Experiment) -> list:
     """Ray Tune callbacks that log every trial to W&B (empty when disabled)."""
     if not enabled:
         return []
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    _ensure_mode(exp_dir)
-    return [WandbLoggerCallback(project=project, group=exp_dir.name, log_config=True, upload_checkpoints=False)]
+    _ensure_mode(exp)
+    return [WandbLoggerCallback(project=project, group=exp.name, log_config=True, upload_checkpoints=False)]
 
 
-def log_summary(enabled: bool, project: str, exp_dir: Path, trials: pd.DataFrame, board: pd.DataFrame | None) -> None:
+def log_summary(enabled: bool, project: str, exp: Experiment, trials: pd.DataFrame, board: pd.DataFrame | None) -> None:
     """Log the trial table (params, GMACs) and the leaderboard as W&B tables in one summary run."""
     if not enabled:
         return
     import wandb
 
-    _ensure_mode(exp_dir)
-    run = wandb.init(project=project, group=exp_dir.name, name=f"{exp_dir.name}-summary", job_type="summary",
-                     dir=str(exp_dir), reinit="finish_previous")
+    _ensure_mode(exp)
+    run = wandb.init(project=project, group=exp.name, name=f"{exp.name}-summary", job_type="summary",
+                     dir=_wandb_dir(exp), reinit="finish_previous")
     run.log({"trials": wandb.Table(dataframe=trials.drop(columns=["config"], errors="ignore"))})
     if board is not None:
         run.log({"leaderboard": wandb.Table(dataframe=board)})

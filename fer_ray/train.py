@@ -1,19 +1,21 @@
-"""The Ray Train layer: ``train_loop_per_worker`` (DDP on gloo/nccl) and ``fit`` (one TorchTrainer run).
+"""The Ray Train layer: ``train_loop_per_worker`` runs ``fer_ray.loop.TrainingRun`` on each DDP worker (gloo on CPU,
+nccl on GPU) and ``make_trainer`` builds the ``TorchTrainer`` of one run.
 
-The dataset lives once in Ray's object store (``put_dataset``); every worker of every trial reads the same
-object. Each epoch every rank reports train/val metrics; rank 0 first writes a self-describing checkpoint
-into the run's trial directory, so a restarted worker group or a retried trial resumes from its last epoch.
-Single-worker runs may use Ray Train's local mode (``num_workers=0``: the loop runs in-process).
+The dataset lives once in Ray's object store (``put_dataset``); every worker of every trial reads the same object.
+Checkpoints go through Ray's own persistence: each epoch rank 0 hands a self-describing checkpoint to
+``ray.train.report`` (``RayReport``), Ray Train uploads it into the experiment's storage (a path, NFS or a bucket:
+``fer_ray.experiment``) and prunes with ``CheckpointConfig`` (best by ``val_acc`` + latest); a retried worker group,
+a retried or unpaused trial and ``fer-ray sweep --resume`` continue from ``ray.train.get_checkpoint()``. No worker
+reads or writes the driver's disk. Single-worker runs may use Ray Train's local mode (``num_workers=0``: the loop
+runs in the Tune trial's process, which reports and checkpoints through Tune instead).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import tempfile
 import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -21,29 +23,44 @@ import ray.train
 import ray.train.torch
 import torch
 
-from fer_ray import engine
-from fer_ray.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fer_ray.checkpoint import load_ray_checkpoint, write_checkpoint
 from fer_ray.config import DataConfig, TrainConfig
 from fer_ray.data import FERData, load_data, split_indices
-from fer_ray.data.augment import Augment, Preprocess
+from fer_ray.experiment import Experiment
 from fer_ray.gpu import preflight
-from fer_ray.models import create_model
+from fer_ray.loop import EarlyStopping, Hook, TrainingRun, build_model  # noqa: F401  (build_model re-exported)
 from fer_ray.placement import cap_batch_size
 
 log = logging.getLogger(__name__)
 _IMPORTED_AT = time.time()  # this module and its dependencies (torch, ray.train, timm, kornia) imported
 
 
+FORWARDED_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
+"""Environment variables (prefixes) handed to every Ray worker, so trials and inference tasks reach the same
+bucket as the driver: Ray does not forward the driver's environment to its workers."""
+
+CHECKPOINT_KEEP = {"num_to_keep": 1, "checkpoint_score_attribute": "val_acc", "checkpoint_score_order": "max"}
+"""Ray keeps each run's best checkpoint by ``val_acc`` (the later one on ties) and, always, its latest."""
+
+
+def storage_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+
+
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` when set (a cluster, ``ray job submit``), else start a local Ray on 127.0.0.1."""
+    """Connect to ``RAY_ADDRESS`` when set (a cluster, ``ray job submit``), else start a local Ray on 127.0.0.1.
+
+    Storage credentials in this environment (``FORWARDED_ENV``) go to every worker through the job's runtime_env.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    runtime_env = {"env_vars": storage_env()} if storage_env() else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=runtime_env)
         return
     ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
     # The Train placement-group cleaner and later clients look the cluster up through RAY_ADDRESS.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
@@ -69,105 +86,96 @@ def put_dataset(data: FERData, splits: dict[str, np.ndarray],
     return ray.put({**data.to_arrays(), "splits": splits, **extra})
 
 
-def _split_tensors(arrays: dict, device: torch.device) -> dict[str, tuple[engine.IndexedImages, torch.Tensor]]:
-    """Each split as (images view, labels) on ``device``, without copying the images per split.
+class RayReport(Hook):
+    """Each epoch: rank 0 writes the checkpoint (``epoch_NNN.pt`` + sha256 manifest) into a temp folder; every rank
+    reports (a barrier), rank 0 with ``Checkpoint.from_directory`` so Ray persists it into the experiment's storage
+    (``CheckpointConfig`` keeps the best by ``val_acc`` and the latest). Rank 0 first writes ``history.json`` there
+    (a history may run one epoch ahead of the checkpoints if the process dies in between; ``fer_ray.sweep.trial_row``
+    reads it up to the latest checkpoint). In-process trials inside Tune report to Tune, which persists their
+    checkpoints the same way."""
 
-    On CPU the view indexes the object store's read-only array in place (zero-copy: every trial and worker maps
-    the same pages); on a GPU the full array is uploaded once and both splits index it there.
-    """
-    with warnings.catch_warnings():  # read-only object-store memory: nothing here writes to it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        base = torch.from_numpy(arrays["images"]).to(device)
-    labels = torch.from_numpy(arrays["labels"].astype(np.int64))
-    out = {}
-    for split in ("train", "val"):
-        idx = torch.from_numpy(np.asarray(arrays["splits"][split], dtype=np.int64))
-        out[split] = engine.IndexedImages(base, idx), labels[idx].to(device)
-    return out
+    def __init__(self, config: dict, in_tune_local: bool):
+        self.exp = Experiment(config["experiment"])
+        self.trial_id, self.group, self.in_tune_local = config["trial_id"], config.get("group", ""), in_tune_local
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        from ray.train import Checkpoint
+
+        if run.rank == 0:  # before reporting: Tune may stop the trial inside report at its last epoch
+            self.exp.write_history(self.trial_id, run.history, self.group)
+            print(f"[{self.trial_id}] epoch {run.epoch}/{run.cfg.epochs} {run.cfg.model}@{run.fer_cfg['img_size']}"
+                  f" train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f}"
+                  f" val_acc {metrics['val_acc']:.4f} ({metrics['epoch_time_s']:.1f}s)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fer_ray_ckpt_") as tmp:
+            checkpoint = None
+            if run.rank == 0:
+                write_checkpoint(tmp, run.state_dict())
+                checkpoint = Checkpoint.from_directory(tmp)
+            if self.in_tune_local:
+                from ray import tune
+
+                tune.report(metrics, checkpoint=checkpoint)
+            else:
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{run.epoch:03d}")
 
 
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    return create_model(cfg.model, num_classes=7, in_chans=cfg.in_chans, img_size=cfg.img_size,
-                        drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or None, **cfg.model_kwargs)
+class FaultInjection(Hook):
+    """For the fault-tolerance tests: ``config["fail_after_epoch"] = N`` kills rank 0's process once, right after
+    Ray Train has registered epoch N's checkpoint (a crash after a committed epoch; a marker file in the experiment
+    makes the retry run through)."""
+
+    def __init__(self, config: dict):
+        self.epoch, self.exp = config.get("fail_after_epoch"), Experiment(config["experiment"])
+        self.marker = self.exp.marker(config["trial_id"], f".failed_after_{self.epoch}", config.get("group", ""))
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        if run.rank == 0 and run.epoch == self.epoch and not self.exp.exists(self.marker):
+            if run.world > 1:
+                ray.train.get_all_reported_checkpoints(timeout_s=120)  # blocks until every report is processed
+            self.exp.write_text(self.marker, "")
+            os._exit(1)
 
 
-def _report(metrics: dict, in_tune_local: bool) -> None:
+def _restore(run: TrainingRun, in_tune_local: bool) -> None:
+    """Continue from the latest checkpoint Ray hands this run (a retry, a resumed sweep, an unpaused trial)."""
     if in_tune_local:
         from ray import tune
 
-        tune.report(metrics)
+        checkpoint = tune.get_checkpoint()
     else:
-        ray.train.report(metrics)
+        checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        run.load_state_dict(load_ray_checkpoint(checkpoint))
+        log.warning("resuming from %s (epoch %d)", checkpoint.path, run.epoch)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker entry point. ``config``: ``train`` (TrainConfig dict), ``data_ref``, ``trial_dir``."""
+    """Ray Train worker entry point. ``config``: ``train`` (TrainConfig dict), ``data_ref``, ``experiment`` (its
+    location), ``trial_id``, ``group``, ``in_tune``, ``t_start``, ``batch_size_cap``."""
     t_entry = time.time()
     cfg = TrainConfig.from_dict(config["train"], "train")
     arrays = ray.get(config["data_ref"]) if isinstance(config["data_ref"], ray.ObjectRef) else config["data_ref"]
     local = cfg.num_workers == 0
     if local:  # in-process: ray.train's context API is unavailable inside a Tune trial
         rank, world = 0, 1
+        device = torch.device("cuda" if cfg.use_gpu else "cpu")
     else:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if not local else torch.device("cuda" if cfg.use_gpu else "cpu")
+        device = ray.train.torch.get_device()
     preflight(device)
     cfg = cap_batch_size(cfg, config.get("batch_size_cap"), device, world)
     if device.type == "cpu" and local:
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-
-    model = build_model(cfg)
-    fer_cfg = model.fer_cfg
-    preprocess, augment = Preprocess.for_model(fer_cfg).to(device), Augment(cfg.augment).to(device)
-    model = model.to(device, memory_format=torch.channels_last)
-    ckpt_dir = Path(config["trial_dir"]) / "checkpoints"
-    module = model
-    latest = latest_checkpoint(ckpt_dir)
-    done = int(latest.stem.split("_")[1]) if latest else 0
-    model, optimizer, scheduler = _phase(module, cfg, world, frozen=done < cfg.freeze_epochs)
-    start, history = _resume(ckpt_dir, module, optimizer, scheduler)
-    scaler = torch.amp.GradScaler() if engine.autocast_dtype(cfg, device) == torch.float16 else None
-    (train_x, train_y), (val_x, val_y) = _split_tensors(arrays, device).values()
-    loss_fn = engine.LossFn(cfg, train_y)
-    teacher = arrays.get("teacher_logits")
-    if cfg.distill_alpha > 0 and teacher is None:
-        raise ValueError("distill_alpha > 0 needs teacher_logits in the shared dataset (use `fer-ray distill`)")
-    teacher = torch.from_numpy(np.array(teacher, dtype=np.float32)).to(device) if teacher is not None else None
-    run_config = dict(cfg.to_dict(), img_size=fer_cfg["img_size"], in_chans=fer_cfg["in_chans"])
-    startup = _startup_profile(config.get("t_start", t_entry), t_entry)
-
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        if cfg.freeze_epochs and epoch == cfg.freeze_epochs:  # phase 2: unfreeze, re-wrap DDP, new optimizer
-            model, optimizer, scheduler = _phase(module, cfg, world, frozen=False)
-        metrics = engine.train_one_epoch(model, train_x, train_y, optimizer, preprocess, augment, cfg, epoch,
-                                         rank=rank, world_size=world, scaler=scaler, loss_fn=loss_fn,
-                                         teacher=teacher)
-        metrics |= engine.evaluate(model, val_x, val_y, preprocess, cfg, rank=rank, world_size=world)
-        metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t0,
-                    "finished_at": time.time(), "img_size": fer_cfg["img_size"], "world_size": world, **startup}
-        if scheduler is not None:
-            scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else scheduler.step()
-        history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-        best = max(history, key=lambda h: h["val_acc"])
-        metrics |= {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"]}
-        ckpt_path = ckpt_dir / f"epoch_{epoch + 1:03d}.pt"
-        if rank == 0:
-            save_checkpoint(ckpt_dir, epoch + 1, model, run_config, {"history": history, **history[-1]},
-                            optimizer.state_dict(), scheduler.state_dict() if scheduler else None,
-                            keep={best["epoch"], epoch + 1})
-            _write_json(Path(config["trial_dir"]) / "history.json", history)
-            print(f"[{Path(config['trial_dir']).name}] epoch {epoch + 1}/{cfg.epochs} {cfg.model}@{fer_cfg['img_size']}"
-                  f" train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f}"
-                  f" val_acc {metrics['val_acc']:.4f} ({metrics['epoch_time_s']:.1f}s)", flush=True)
-        _maybe_fail(config, epoch + 1, rank)
-        metrics["checkpoint"] = str(ckpt_dir / f"epoch_{best['epoch']:03d}.pt")
-        metrics["last_checkpoint"] = str(ckpt_path)
-        _report(metrics, in_tune_local=local and config.get("in_tune", False))
-        if cfg.early_stopping and epoch + 1 - best["epoch"] >= cfg.early_stopping:
-            break
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
+    run = TrainingRun(cfg, arrays, device, rank=rank, world=world, wrap=wrap)
+    in_tune_local = local and config.get("in_tune", False)
+    _restore(run, in_tune_local)
+    run.static_metrics = _startup_profile(config.get("t_start", t_entry), t_entry)
+    hooks = [RayReport(config, in_tune_local), EarlyStopping(cfg.early_stopping)]
+    if config.get("fail_after_epoch"):
+        hooks.insert(1, FaultInjection(config))
+    run.fit(hooks)
 
 
 def _startup_profile(t_start: float, t_entry: float) -> dict[str, float]:
@@ -183,51 +191,6 @@ def _startup_profile(t_start: float, t_entry: float) -> dict[str, float]:
             "startup_setup_s": t_entry - imp1, "startup_loop_s": now - t_entry}
 
 
-def _phase(module: torch.nn.Module, cfg: TrainConfig, world: int, frozen: bool):
-    """(Re)build the trainable view of ``module`` for a freeze phase: DDP wrapper, optimizer and scheduler.
-
-    DDP only synchronises parameters that required grad when it was built, so each phase wraps anew.
-    """
-    if cfg.freeze_epochs and not engine.set_backbone_frozen(module, frozen):
-        raise ValueError(f"freeze_epochs needs a model with freeze_backbone(); {cfg.model} has none")
-    model = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
-    optimizer = engine.build_optimizer(cfg, [p for p in module.parameters() if p.requires_grad])
-    scheduler = engine.build_scheduler(cfg, optimizer)
-    return model, optimizer, scheduler
-
-
-def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
-    """Fault injection for the fault-tolerance tests: ``config["fail_after_epoch"] = N`` kills rank 0's process
-    once, right after epoch N's checkpoint is written (a marker file makes the retry run through)."""
-    if rank != 0 or config.get("fail_after_epoch") != epoch:
-        return
-    marker = Path(config["trial_dir"]) / f".failed_after_{epoch}"
-    if not marker.exists():
-        marker.touch()
-        os._exit(1)
-
-
-def _resume(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        return 0, []
-    ckpt = load_checkpoint(path)
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(ckpt["state_dict"])
-    if ckpt.get("optimizer"):
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt.get("scheduler"):
-        scheduler.load_state_dict(ckpt["scheduler"])
-    log.warning("resuming from %s (epoch %d)", path, ckpt["epoch"])
-    return ckpt["epoch"], list(ckpt["metrics"].get("history", []))
-
-
-def _write_json(path: Path, obj) -> None:
-    from fer_ray.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=1))
-
-
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
     """Workers, their CPUs/GPU and (``cfg.accelerator_type``) the one GPU type they all run on."""
     return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -236,18 +199,21 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
                                    accelerator_type=cfg.accelerator_type)
 
 
-def make_trainer(cfg: TrainConfig, data_ref, trial_dir: str | Path, storage_path: str | Path, name: str,
+def make_trainer(cfg: TrainConfig, data_ref, exp: Experiment | str, trial_id: str, group: str = "",
                  callbacks: list | None = None, in_tune: bool = False, max_failures: int = 1,
                  batch_size_cap: dict[str, int] | None = None):
-    """A TorchTrainer for one run; ``cfg.num_workers == 0`` selects Ray Train's in-process local mode.
+    """The TorchTrainer of run ``trial_id`` of ``exp`` (its Ray Train run ``<group>/train/train_<trial_id>``);
+    ``cfg.num_workers == 0`` selects Ray Train's in-process local mode. Built again with the same arguments, it
+    resumes from the run's latest checkpoint (Ray Train V2 restores a run by storage path and name).
 
     ``batch_size_cap``: accelerator type → largest per-GPU batch (``fer_ray.placement.cap_batch_size``).
     """
-    scaling = scaling_config(cfg)
-    run = ray.train.RunConfig(name=name, storage_path=str(Path(storage_path).absolute()),
+    exp = exp if isinstance(exp, Experiment) else Experiment(exp)
+    run = ray.train.RunConfig(name=f"train_{trial_id}", storage_path=exp.train_storage(group),
                               callbacks=callbacks or None,
-                              failure_config=ray.train.FailureConfig(max_failures=max_failures))
-    loop_config = {"train": cfg.to_dict(), "data_ref": data_ref, "trial_dir": str(Path(trial_dir).absolute()),
-                   "in_tune": in_tune, "t_start": time.time(), "batch_size_cap": batch_size_cap or {}}
-    return ray.train.torch.TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                                        run_config=run)
+                              failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                              checkpoint_config=ray.train.CheckpointConfig(**CHECKPOINT_KEEP))
+    loop_config = {"train": cfg.to_dict(), "data_ref": data_ref, "experiment": exp.uri, "trial_id": trial_id,
+                   "group": group, "in_tune": in_tune, "t_start": time.time(), "batch_size_cap": batch_size_cap or {}}
+    return ray.train.torch.TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                                        scaling_config=scaling_config(cfg), run_config=run)

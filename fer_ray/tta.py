@@ -6,8 +6,8 @@ A view is a deterministic transform of the float ``[B, 1, 48, 48]`` batch, named
 combinations (``hflip+rot10``). In a policy, ``tencrop<c>`` expands to the ten-crop views (4 corners + centre, each
 also flipped; ``expand_views``). All views of a batch are stacked and go through the model as one forward pass,
 on an inference copy of the model (channels-last, conv+BN folded: ``inference_model``). ``fill_store`` scores each
-trial's best checkpoint once per (split, policy) and writes ``logits/<trial_id>/<split>.parquet``; existing files
-with the same checkpoint sha256 and views are reused.
+trial's best checkpoint once per (split, policy) as Ray tasks on the cluster (``fer_ray.inference``) and writes the
+experiment's ``logits/<trial_id>/<split>.parquet``; stored files with the same checkpoint sha256 and views are reused.
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import functools
 import json
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import kornia.geometry.transform as KT
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from fer_ray.checkpoint import load_checkpoint, model_from_checkpoint, sha256_file
+from fer_ray import engine
 from fer_ray.data import FERData
 from fer_ray.data.augment import Preprocess
-from fer_ray.store import write_logits
 
 _VIEW_RE = re.compile(r"^(identity|hflip|rot(-?\d+(?:\.\d+)?)|shift(-?\d+),(-?\d+)|scale(\d+(?:\.\d+)?)"
                       r"|crop(\d+)(tl|tr|bl|br|c))$")
@@ -117,9 +114,11 @@ def inference_model(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def tta_logits(model: nn.Module, images: torch.Tensor, views: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def tta_logits(model: nn.Module, images: torch.Tensor, views: Sequence[str], batch_size: int = 256,
+               amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Float32 logits ``[V, N, C]``: each batch's V views are stacked and scored in one forward pass of the
-    ``inference_model`` copy of ``model`` (pass that copy to score several image sets without rebuilding it)."""
+    ``inference_model`` copy of ``model`` (pass that copy to score several image sets without rebuilding it), under
+    autocast to ``amp_dtype`` when given (``engine.autocast_dtype``: the trial's AMP)."""
     model = inference_model(model)
     preprocess = Preprocess.for_model(model.fer_cfg).to(images.device)
     fns = [parse_view(v) for v in views]
@@ -128,7 +127,8 @@ def tta_logits(model: nn.Module, images: torch.Tensor, views: Sequence[str], bat
     for lo in range(0, len(images), per):
         x = preprocess.to_float(images[lo:lo + per])
         stacked = torch.cat([fn(x) for fn in fns])
-        logits = model(preprocess(stacked)).float()
+        with engine.autocast(images.device, amp_dtype):
+            logits = model(preprocess(stacked)).float()
         out.append(logits.view(len(views), len(x), -1))
     return torch.cat(out, dim=1) if out else torch.empty(len(views), 0, 0)
 
@@ -148,42 +148,51 @@ def tta_logits_loop(model: nn.Module, images: torch.Tensor, views: Sequence[str]
     return torch.stack(res)
 
 
-def fill_store(exp_dir: str | Path, data: FERData, splits: dict[str, np.ndarray], views: Sequence[str],
-               roles: dict[str, str], trials: pd.DataFrame | None = None, progress: bool = True) -> list[Path]:
-    """Write TTA logits of each trial's best checkpoint for every split in ``roles`` (skipping ``fit`` splits)."""
-    exp_dir = Path(exp_dir)
+def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequence[str], roles: dict[str, str],
+               trials: pd.DataFrame | None = None, progress: bool = True, on_ray: bool = True) -> list[str]:
+    """Store TTA logits of each trial's best checkpoint (``trials``: default the experiment's ``trials.parquet``)
+    for every split in ``roles`` except ``fit`` ones, as Ray tasks (``fer_ray.inference``); returns the store files.
+
+    A (trial, split) already stored with the same checkpoint sha256 and views is kept as it is.
+    """
+    from fer_ray.checkpoint import checkpoint_sha256
+    from fer_ray.experiment import as_experiment
+    from fer_ray.inference import ScoreJob, score_checkpoints
+    from fer_ray.store import write_logits
+
+    exp = as_experiment(exp)
     views = expand_views(views)
-    trials = pd.read_parquet(exp_dir / "trials.parquet") if trials is None else trials
-    written = []
-    for i, row in enumerate(trials.itertuples(), 1):
-        ckpt_path = Path(row.checkpoint)
-        sha = sha256_file(ckpt_path)
-        ckpt = load_checkpoint(ckpt_path)
-        model = inference_model(model_from_checkpoint(ckpt))  # built once, scored on every split
-        for split, role in roles.items():
-            if role == "fit" or split not in splits:
-                continue
-            out = exp_dir / "logits" / row.trial_id / f"{split}.parquet"
-            if _is_current(out, sha, views):
-                written.append(out)
-                continue
+    trials = exp.trials() if trials is None else trials
+    scored = [s for s, r in roles.items() if r != "fit" and s in splits]
+    jobs, rows, written = [], [], []
+    for row in trials.itertuples():
+        sha = checkpoint_sha256(row.checkpoint)
+        need = [s for s in scored if not _is_current(exp, row.trial_id, s, sha, views)]
+        written += [exp.logits_rel(row.trial_id, s) for s in scored if s not in need]
+        if need:
+            jobs.append(ScoreJob(row.checkpoint, json.loads(row.config), {s: splits[s] for s in need},
+                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)"))
+            rows.append((row, sha))
+    for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, views, on_ray=on_ray), 1):
+        row, sha = rows[i]
+        for split, logits in res["logits"].items():
             idx = splits[split]
-            images = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
-            logits = tta_logits(model, images, views).numpy()
             meta = {"member": row.trial_id, "arch": row.arch, "img_size": int(row.img_size),
                     "in_chans": int(row.in_chans), "params": int(row.params), "gmacs_per_view": float(row.gmacs),
-                    "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, "epoch": int(ckpt["epoch"]),
-                    "split": split, "role": role, "views": list(views), "config": json.loads(row.config)}
-            written.append(write_logits(out, logits, data.labels[idx], data.ids[idx].astype(str), list(views), meta))
+                    "checkpoint": row.checkpoint, "checkpoint_sha256": sha, "epoch": res["epoch"],
+                    "split": split, "role": roles[split], "views": list(views), "config": json.loads(row.config)}
+            write_logits(exp, row.trial_id, split, logits, data.labels[idx], data.ids[idx].astype(str), views, meta)
+            written.append(exp.logits_rel(row.trial_id, split))
         if progress:
-            print(f"[tta] {i}/{len(trials)} {row.trial_id} ({row.arch} @ {row.img_size}px): "
-                  f"{len(views)} views × {', '.join(s for s, r in roles.items() if r != 'fit')}", flush=True)
+            print(f"[tta] {n}/{len(jobs)} {jobs[i].label}: {len(views)} views × {', '.join(res['logits'])} "
+                  f"({res['seconds']:.1f}s)", flush=True)
     return written
 
 
-def _is_current(path: Path, sha: str, views: Sequence[str]) -> bool:
-    if not path.is_file():
-        return False
-    meta = json.loads(pq.read_schema(path).metadata.get(b"fer_ray", b"{}"))
-    return meta.get("checkpoint_sha256") == sha and list(meta.get("views", [])) == list(views)
+def _is_current(exp, member: str, split: str, sha: str, views: Sequence[str]) -> bool:
+    from fer_ray.store import read_meta
 
+    if not exp.has_logits(member, split):
+        return False
+    meta = read_meta(exp, member, split)
+    return meta.get("checkpoint_sha256") == sha and list(meta.get("views", [])) == list(views)

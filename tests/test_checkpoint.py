@@ -1,11 +1,11 @@
-"""Checkpoints: self-describing round trip, sha256 manifest refusal of tampered files, pruning, resume lookup."""
+"""Checkpoints: self-describing round trip, sha256 manifest refusal of tampered files, reading by URI."""
 
 import pytest
 import torch
 
 from fer_ray.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
+    checkpoint_sha256,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -47,9 +47,14 @@ def test_unlisted_checkpoint_is_refused(tmp_path, model):
         load_checkpoint(other)
 
 
-def test_prune_keeps_best_and_latest(tmp_path, model):
-    for epoch in range(1, 5):
-        save_checkpoint(tmp_path, epoch, model, {}, {}, keep={2, epoch})
-    assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_002.pt", "epoch_004.pt"]
-    assert latest_checkpoint(tmp_path).name == "epoch_004.pt"
-    assert latest_checkpoint(tmp_path / "none") is None
+def test_read_by_uri_and_manifest_sha(tmp_path, model):
+    """A checkpoint is read by location: a ``file://`` URI reads the same payload; the manifest holds its sha256.
+    (Pruning to best + latest is Ray's CheckpointConfig, checked on a real sweep in test_pipeline.)"""
+    import hashlib
+
+    path = save_checkpoint(tmp_path, 3, model, {}, {"val_acc": 0.5})
+    via_uri = load_checkpoint(f"file://{path}")
+    assert via_uri["epoch"] == 3 and via_uri["metrics"]["val_acc"] == 0.5
+    assert checkpoint_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "epoch_004.pt")

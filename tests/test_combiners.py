@@ -1,6 +1,7 @@
 """Fitted combiners, temperature scaling, budget search and the protocol guard, on synthetic logits."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,7 +59,7 @@ def _make_exp(path, builders: dict, gmacs: dict, seed=0):
     rows = []
     for name, build in builders.items():
         for split, y in labels.items():
-            write_logits(path / "logits" / name / f"{split}.parquet", build(y, rng), y,
+            write_logits(path, name, split, build(y, rng), y,
                          np.array([f"{split}{j}" for j in range(N)]), VIEWS,
                          {"member": name, "split": split, "role": ROLES[split], "views": VIEWS})
         rows.append({"trial_id": name, "arch": "basic_cnn", "img_size": 48, "in_chans": 1, "params": 1000,
@@ -201,7 +202,7 @@ def test_cli_budget_search_and_report_plots(planted, capsys, recwarn):
         assert col in board.columns
     assert set(board.selected_on) == {"val"} and board.set_index("name").combiner["cal"] == "nll_weights+T"
     paths = write_report(planted, planted / "report")
-    html = paths["html"].read_text()
+    html = Path(paths["html"]).read_text()
     assert "Budget search: Pareto front" in html and "reliability before/after temperature scaling" in html
     assert html.count("data:image/png;base64,") >= 5 and "val = select" in html
     assert not [w for w in recwarn if "No artists with labels" in str(w.message)]

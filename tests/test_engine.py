@@ -139,13 +139,13 @@ def test_trials_index_the_shared_dataset_in_place():
     """No per-trial copy of the images: both splits index the object store's (read-only) array itself."""
     import numpy as np
 
-    from fer_ray.train import _split_tensors
+    from fer_ray.loop import split_tensors
 
     images = np.random.default_rng(0).integers(0, 256, (50, 48, 48), dtype=np.uint8)
     images.flags.writeable = False  # as ray.get returns it
     arrays = {"images": images, "labels": np.arange(50) % 7,
               "splits": {"train": np.arange(0, 40), "val": np.arange(40, 50)}}
-    splits = _split_tensors(arrays, torch.device("cpu"))
+    splits = split_tensors(arrays, torch.device("cpu"))
     for name, (view, y) in splits.items():
         assert view.base.data_ptr() == images.ctypes.data, name
         assert torch.equal(view[torch.arange(len(view))], torch.from_numpy(images[arrays["splits"][name]]))

@@ -33,7 +33,7 @@ def exp(tmp_path):
     for i, strength in enumerate([0.5, 1.5, 3.0]):
         tid = f"t{i}"
         for split, y in labels.items():
-            write_logits(tmp_path / "logits" / tid / f"{split}.parquet", _logits(y, strength, rng), y,
+            write_logits(tmp_path, tid, split, _logits(y, strength, rng), y,
                          np.array([f"{split}{j}" for j in range(len(y))]), ["identity", "hflip"],
                          {"member": tid, "split": split, "role": ROLES[split], "views": ["identity", "hflip"]})
         rows.append({"trial_id": tid, "arch": "basic_cnn", "img_size": 48, "in_chans": 1, "params": 1000,
@@ -46,16 +46,17 @@ def exp(tmp_path):
 def test_store_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
-    path = write_logits(tmp_path / "m.parquet", logits, np.arange(5), np.array(list("abcde")), ["a", "b", "c"],
-                        {"arch": "x", "views": ["a", "b", "c"]})
-    ls = read_logits(path)
+    write_logits(tmp_path, "m", "val", logits, np.arange(5), np.array(list("abcde")), ["a", "b", "c"],
+                 {"arch": "x", "views": ["a", "b", "c"]})
+    assert (tmp_path / "logits" / "m" / "val.parquet").is_file()
+    ls = read_logits(tmp_path, "m", "val")
     assert np.array_equal(ls.logits, logits) and ls.views == ["a", "b", "c"] and ls.meta["arch"] == "x"
     assert list(ls.ids) == list("abcde") and ls.labels.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_store_refuses_misaligned_members(exp):
     y = np.zeros(300, dtype=int)
-    write_logits(exp / "logits" / "bad" / "val.parquet", np.zeros((1, 300, 7)), y,
+    write_logits(exp, "bad", "val", np.zeros((1, 300, 7)), y,
                  np.array([f"other{j}" for j in range(300)]), ["identity"], {})
     with pytest.raises(StoreError, match="bad/val.parquet: image ids or labels differ"):
         load_store(exp)
@@ -114,9 +115,9 @@ def test_report_files(exp):
     run_ensemble(exp, EnsembleSpec(name="top2", members={"top_k": 2}))
     paths = write_report(exp, exp / "report")
     assert pd.read_csv(paths["csv"]).shape[0] == 4
-    md = paths["md"].read_text()
+    md = Path(paths["md"]).read_text()
     assert md.startswith("Split roles: train = fit, val = select, public_test = report")
-    assert paths["html"].read_text().count("data:image/png;base64,") >= 2
+    assert Path(paths["html"]).read_text().count("data:image/png;base64,") >= 2
 
 
 def test_spec_folder_is_not_empty():

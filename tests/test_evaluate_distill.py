@@ -20,7 +20,7 @@ from fer_ray.ensemble import EnsembleSpec, ProtocolError, apply_fitted, budget_c
 from fer_ray.evaluate import default_split_name
 from fer_ray.flops import count_gmacs, count_params
 from fer_ray.report import write_report
-from fer_ray.store import read_logits
+from fer_ray.store import read_logit_file, read_logits
 from fer_ray.sweep import write_setup
 from fer_ray.train import build_model, prepare_dataset
 from fer_ray.tta import fill_store
@@ -34,7 +34,7 @@ def _tensors(data, idx):
 
 
 @pytest.fixture(scope="module")
-def tiny_exp(tmp_path_factory):
+def tiny_exp(tmp_path_factory, ray_session):  # TTA scoring runs as Ray tasks
     root = tmp_path_factory.mktemp("evd")
     cfg = SweepConfig.from_dict({
         "name": "tiny", "data": {"synthetic_n": 280, "val_fraction": 0.2, "cache_dir": str(root / "cache")},
@@ -89,7 +89,7 @@ def test_evaluate_adds_report_split_and_columns(evaluated):
         assert col in board.columns and board[col].notna().all()
     members = {}
     for tid in ("t0", "t1"):
-        ls = read_logits(exp / "logits" / tid / f"{EXT}.parquet")
+        ls = read_logits(exp, tid, EXT)
         assert ls.views == ["identity", "hflip"] and ls.meta["role"] == "report" and len(ls.labels) == 140
         members[tid] = ls
         assert board.loc[tid, f"acc_{EXT}"] == pytest.approx(_acc(ls.logits.mean(0), ls.labels), abs=1e-9)
@@ -100,7 +100,7 @@ def test_evaluate_adds_report_split_and_columns(evaluated):
     info = json.loads((exp / "ensembles" / "greedy_nll.json").read_text())
     logits = apply_fitted(np.stack([member_logits(members[m], info["views"]) for m in info["members"]]), info["fitted"])
     assert board.loc["greedy_nll", f"acc_{EXT}"] == pytest.approx(_acc(logits, labels), abs=1e-9)
-    stored = read_logits(exp / "logits" / "ensemble:greedy_nll" / f"{EXT}.parquet")
+    stored = read_logits(exp, "ensemble:greedy_nll", EXT)
     np.testing.assert_allclose(stored.logits[0], logits, rtol=1e-5, atol=1e-5)
     assert info["metrics"][EXT]["accuracy"] == pytest.approx(_acc(logits, labels), abs=1e-9)
 
@@ -141,14 +141,14 @@ def test_distill_student_sits_on_the_leaderboard(evaluated, ray_session):
     ckpt = load_checkpoint(student.checkpoint)
     assert ckpt["config"]["distill_alpha"] == 0.8 and ckpt["config"]["distill_temperature"] == 3.0
     assert student.best_val_acc == max(h["val_acc"] for h in ckpt["metrics"]["history"])
-    teacher = read_logits(exp / "distill" / "baseline_cnn_v1" / "teacher_train.parquet")
+    teacher = read_logit_file(exp / "distill" / "baseline_cnn_v1" / "teacher_train.parquet")
     assert teacher.logits.shape[1] == json.loads((exp / "data.json").read_text())["splits"]["train"]["n"]
     board = pd.read_csv(exp / "report" / "leaderboard.csv").set_index("name")
     row = board.loc[member]
     assert row.kind == "distill" and row.gmacs == pytest.approx(student.gmacs) and row.tta_views == 2
     for split in ("val", "public_test", "private_test", EXT):
         assert 0 <= row[f"acc_{split}"] <= 1
-    ls = read_logits(exp / "logits" / member / "val.parquet")
+    ls = read_logits(exp, member, "val")
     assert _acc(ls.logits[0], ls.labels) == pytest.approx(student.best_val_acc, abs=1e-6)  # identity view = training
     assert {"top2", "greedy_nll", "t0", "t1", member} <= set(board.index)
 

@@ -1,5 +1,6 @@
 """Faults lose no finished work: a worker killed mid-run resumes from its last epoch checkpoint (Ray Train
-FailureConfig), and an interrupted sweep driver resumes without re-running finished trials."""
+FailureConfig, ``ray.train.get_checkpoint``), and an interrupted sweep driver resumes (Tune's restore) without
+re-running finished trials, ending with the same leaderboard as an uninterrupted run."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from fer_ray.config import TrainConfig
 from fer_ray.data import FERData, split_indices
 from fer_ray.data.synthetic import generate
+from fer_ray.experiment import Experiment
 from fer_ray.train import make_trainer, put_dataset
 
 pytestmark = pytest.mark.ray
@@ -25,12 +27,18 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session):
     data: FERData = generate(300, seed=1)
     ref = put_dataset(data, split_indices(data, 0.2, 0))
     cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=3, batch_size=32, num_workers=2, cpus_per_worker=0.9)
-    trainer = make_trainer(cfg, ref, tmp_path / "trial", tmp_path / "train", name="faulty", max_failures=1)
+    trainer = make_trainer(cfg, ref, tmp_path, "faulty", max_failures=1)
     trainer.train_loop_config["fail_after_epoch"] = 2
     trainer.fit()
-    assert (tmp_path / "trial" / ".failed_after_2").exists(), "the worker was killed after epoch 2"
-    history = json.loads((tmp_path / "trial" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3], "epochs 1-2 were not re-run after the kill"
+    marker = tmp_path / "trials" / "faulty" / ".failed_after_2"
+    assert marker.exists(), "the worker was killed after epoch 2"
+    history = json.loads((tmp_path / "trials" / "faulty" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    killed_at = marker.stat().st_mtime
+    assert history[1]["finished_at"] < killed_at < history[2]["finished_at"], "epoch 2 was re-run after the kill"
+    kept = Experiment(tmp_path).checkpoints("faulty")
+    best = max(history, key=lambda h: (h["val_acc"], h["epoch"]))["epoch"]
+    assert set(kept) == {best, 3}, f"Ray keeps the best (val_acc) and the latest checkpoint, kept {sorted(kept)}"
 
 
 def _sweep_cmd(*args):
@@ -65,24 +73,27 @@ asha: {{max_t: 6, grace_period: 6}}
     proc.send_signal(signal.SIGINT)
     assert interrupted_mid_trial(), epochs_done()
     proc.wait(timeout=120)
-    first = {p.parent.parent.name: p.stat().st_mtime_ns for p in (exp / "trials").glob("*/checkpoints/manifest.json")
-             if len(json.loads((p.parent.parent / "history.json").read_text())) == 6}
+    store = Experiment(exp)
+
+    def checkpoint_mtimes(trial_id: str) -> dict:
+        return {loc: Path(loc).stat().st_mtime_ns for loc in store.checkpoints(trial_id).values()}
+
+    first = {t: checkpoint_mtimes(t) for t in store.trial_ids() if len(store.history(t)) == 6}
     assert first, "at least one trial finished before the interrupt"
     subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = pd.read_parquet(exp / "trials.parquet")
     assert len(trials) == 3 and (trials.epochs_run == 6).all()
-    for trial_id, mtime in first.items():  # finished before the interrupt: untouched by the resume
-        assert (exp / "trials" / trial_id / "checkpoints" / "manifest.json").stat().st_mtime_ns == mtime
+    for trial_id, mtimes in first.items():  # finished before the interrupt: untouched by the resume
+        assert checkpoint_mtimes(trial_id) == mtimes
     # The same sweep run without interruption ends with the same leaderboard, to the last digit.
     subprocess.run(_sweep_cmd(str(cfg), "--out", str(tmp_path / "straight")), cwd=REPO, env=env, check=True,
                    timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     straight = pd.read_parquet(tmp_path / "straight" / "resume" / "trials.parquet")
 
-    def board(t: pd.DataFrame) -> list:
+    def board(t: pd.DataFrame, root: Path) -> list:
         lr = [json.loads(c)["lr"] for c in t.config]
-        val_loss = [json.loads((Path(c).parent.parent / "history.json").read_text())[-1]["val_loss"]
-                    for c in t.checkpoint]
+        val_loss = [Experiment(root).history(tid)[-1]["val_loss"] for tid in t.trial_id]
         return sorted(zip(t.best_val_acc, lr, t.best_epoch, t.epochs_run, val_loss, strict=True), reverse=True)
 
-    assert board(trials) == board(straight)
+    assert board(trials, exp) == board(straight, tmp_path / "straight" / "resume")

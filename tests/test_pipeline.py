@@ -45,7 +45,7 @@ def test_logit_store_matches_checkpoint_accuracy(experiment):
     _, exp, _ = experiment
     trials = pd.read_parquet(exp / "trials.parquet")
     for row in trials.itertuples():
-        ls = read_logits(exp / "logits" / row.trial_id / "val.parquet")
+        ls = read_logits(exp, row.trial_id, "val")
         assert ls.views == ["identity", "hflip"] and ls.meta["role"] == "select"
         # identity-view accuracy on val is the accuracy the trial reported for its best epoch
         acc = float((ls.logits[0].argmax(1) == ls.labels).mean())
@@ -61,14 +61,14 @@ def test_leaderboard_ensemble_recomputed_from_stored_logits(experiment):
     row["name"] = "top2_mean_logits"
     members = json.loads((exp / "ensembles" / f"{row['name']}.json").read_text())["members"]
     for split in ("val", "public_test"):
-        stacks = [read_logits(exp / "logits" / m / f"{split}.parquet") for m in members]
+        stacks = [read_logits(exp, m, split) for m in members]
         mean = np.mean([s.logits.mean(0) for s in stacks], axis=0)
         acc = float((softmax(mean).argmax(1) == stacks[0].labels).mean())
         assert row[f"acc_{split}"] == pytest.approx(acc, abs=1e-6)
     # greedy_nll: rebuilt from the weights and temperatures in its json alone (nothing refitted).
     for split in ("val", "public_test"):
         logits = reproduce_ensemble(exp, "greedy_nll", split)
-        labels = read_logits(exp / "logits" / "ensemble:greedy_nll" / f"{split}.parquet").labels
+        labels = read_logits(exp, "ensemble:greedy_nll", split).labels
         assert ens.loc["greedy_nll", f"acc_{split}"] == pytest.approx(float((logits.argmax(1) == labels).mean()),
                                                                       abs=1e-6)
     assert (board.kind == "model").sum() == 2

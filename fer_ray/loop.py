@@ -1,0 +1,171 @@
+"""The training loop without Ray: ``TrainingRun`` (set-up, one epoch at a time, its whole state to and from a
+checkpoint payload) and ``Hook`` (before training, after each epoch, after training: detectron2's ``HookBase``).
+
+``fer_ray.train`` runs it under Ray Train with hooks that checkpoint and report, stop early and inject faults (for
+the tests); ``scripts/gpu_check.py`` and the benchmarks run it bare. The state after ``epoch`` epochs (weights,
+optimizer, LR scheduler, GradScaler, history, freeze phase) is one ``state_dict()``, and ``load_state_dict`` puts
+it back exactly: with every random draw of an epoch seeded from (seed, epoch, rank) (``engine.seed_epoch``), a run
+resumed at any epoch, the unfreeze epoch of the two-phase recipe included, continues as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from fer_ray import engine
+from fer_ray.checkpoint import make_payload
+from fer_ray.config import TrainConfig
+from fer_ray.data.augment import Augment, Preprocess
+from fer_ray.models import create_model
+
+
+class Hook:
+    """Something done around the loop; override what you need. ``run.stop = True`` ends training."""
+
+    def before_train(self, run: TrainingRun) -> None:
+        pass
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        pass
+
+    def after_train(self, run: TrainingRun) -> None:
+        pass
+
+
+class EarlyStopping(Hook):
+    """Stop after ``patience`` epochs without a better validation accuracy (``None``: never)."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        if self.patience and run.epoch - metrics["best_epoch"] >= self.patience:
+            run.stop = True
+
+
+def best_entry(history: list[dict]) -> dict:
+    """The epoch a run selects: highest ``val_acc``, the later epoch on ties (as Ray's ``CheckpointConfig`` keeps)."""
+    return max(history, key=lambda h: (h["val_acc"], h["epoch"]))
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    return create_model(cfg.model, num_classes=7, in_chans=cfg.in_chans, img_size=cfg.img_size,
+                        drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or None, **cfg.model_kwargs)
+
+
+def split_tensors(arrays: dict, device: torch.device) -> dict[str, tuple[engine.IndexedImages, torch.Tensor]]:
+    """Train and val as (images view, labels) on ``device``, without copying the images per split.
+
+    On CPU the view indexes the object store's read-only array in place (zero-copy: every trial and worker maps
+    the same pages); on a GPU the full array is uploaded once and both splits index it there.
+    """
+    with warnings.catch_warnings():  # read-only object-store memory: nothing here writes to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        base = torch.from_numpy(arrays["images"]).to(device)
+    labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+    out = {}
+    for split in ("train", "val"):
+        idx = torch.from_numpy(np.asarray(arrays["splits"][split], dtype=np.int64))
+        out[split] = engine.IndexedImages(base, idx), labels[idx].to(device)
+    return out
+
+
+class TrainingRun:
+    """One model trained on ``arrays`` (``images``, ``labels``, ``splits``, optional ``teacher_logits``) on ``device``.
+
+    ``rank``/``world`` shard each epoch for DDP; ``wrap`` turns the model into its DDP wrapper (the Ray layer passes
+    ``ray.train.torch.prepare_model``). ``static_metrics`` are merged into every epoch's metrics (the start-up
+    profile).
+    """
+
+    def __init__(self, cfg: TrainConfig, arrays: dict, device: torch.device, *, rank: int = 0, world: int = 1,
+                 wrap=None):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self._wrap = wrap or (lambda m: m)
+        torch.manual_seed(cfg.seed)
+        module = build_model(cfg)
+        self.fer_cfg = module.fer_cfg
+        self.module = module.to(device, memory_format=torch.channels_last)
+        self.preprocess = Preprocess.for_model(self.fer_cfg).to(device)
+        self.augment = Augment(cfg.augment).to(device)
+        self.amp_dtype = engine.autocast_dtype(cfg, device)
+        self.scaler = engine.grad_scaler(device, self.amp_dtype)
+        splits = split_tensors(arrays, device)
+        (self.train_x, self.train_y), (self.val_x, self.val_y) = splits["train"], splits["val"]
+        self.loss_fn = engine.LossFn(cfg, self.train_y)
+        teacher = arrays.get("teacher_logits")
+        if cfg.distill_alpha > 0 and teacher is None:
+            raise ValueError("distill_alpha > 0 needs teacher_logits in the shared dataset (use `fer-ray distill`)")
+        self.teacher = None if teacher is None else torch.from_numpy(np.array(teacher, dtype=np.float32)).to(device)
+        self.run_config = dict(cfg.to_dict(), img_size=self.fer_cfg["img_size"], in_chans=self.fer_cfg["in_chans"])
+        self.epoch, self.history, self.stop, self.static_metrics = 0, [], False, {}
+        self._set_phase(frozen=cfg.freeze_epochs > 0)
+
+    def _set_phase(self, frozen: bool) -> None:
+        """(Re)build the trainable view for a freeze phase: DDP wrapper, optimizer and scheduler. DDP only
+        synchronises parameters that required grad when it was built, so each phase wraps anew."""
+        cfg = self.cfg
+        if cfg.freeze_epochs and not engine.set_backbone_frozen(self.module, frozen):
+            raise ValueError(f"freeze_epochs needs a model with freeze_backbone(); {cfg.model} has none")
+        self.frozen = frozen
+        self.model = self._wrap(self.module)
+        self.optimizer = engine.build_optimizer(cfg, [p for p in self.module.parameters() if p.requires_grad])
+        self.scheduler = engine.build_scheduler(cfg, self.optimizer)
+
+    def train_epoch(self) -> dict:
+        """Train and evaluate one epoch; returns its metrics (also appended to ``history``, with the best so far)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        if self.frozen and self.epoch >= cfg.freeze_epochs:  # phase 2: unfreeze, re-wrap DDP, new optimizer
+            self._set_phase(frozen=False)
+        metrics = engine.train_one_epoch(self.model, self.train_x, self.train_y, self.optimizer, self.preprocess,
+                                         self.augment, cfg, self.epoch, rank=self.rank, world_size=self.world,
+                                         scaler=self.scaler, loss_fn=self.loss_fn, teacher=self.teacher)
+        metrics |= engine.evaluate(self.model, self.val_x, self.val_y, self.preprocess, cfg, rank=self.rank,
+                                   world_size=self.world)
+        self.epoch += 1
+        metrics |= {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                    "epoch_time_s": time.perf_counter() - t0, "finished_at": time.time(),
+                    "img_size": self.fer_cfg["img_size"], "world_size": self.world, **self.static_metrics}
+        if self.scheduler is not None:
+            self.scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else self.scheduler.step()
+        self.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        best = best_entry(self.history)
+        return metrics | {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"]}
+
+    def fit(self, hooks: list[Hook] = ()) -> list[dict]:
+        """Train up to ``cfg.epochs`` (from wherever the run stands), calling ``hooks``; returns the history."""
+        for hook in hooks:
+            hook.before_train(self)
+        while self.epoch < self.cfg.epochs and not self.stop:
+            metrics = self.train_epoch()
+            for hook in hooks:
+                hook.after_epoch(self, metrics)
+        for hook in hooks:
+            hook.after_train(self)
+        return self.history
+
+    def state_dict(self) -> dict:
+        """The self-describing checkpoint payload of the run as it stands (``fer_ray.checkpoint``)."""
+        return make_payload(self.module, self.epoch, self.run_config, {"history": self.history, **self.history[-1]},
+                            self.optimizer.state_dict(), self.scheduler.state_dict() if self.scheduler else None,
+                            self.scaler.state_dict() if self.scaler else None, frozen=self.frozen)
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Continue from a payload of ``state_dict``: weights, optimizer, scheduler, GradScaler, history, phase."""
+        self.module.load_state_dict(ckpt["state_dict"])
+        self.epoch, self.history = int(ckpt["epoch"]), list(ckpt["metrics"].get("history", []))
+        # The optimizer state belongs to the phase that trained the checkpoint's last epoch; the next
+        # ``train_epoch`` switches phase (with a fresh optimizer) exactly where the uninterrupted run did.
+        frozen = bool(ckpt.get("frozen", self.cfg.freeze_epochs and self.epoch <= self.cfg.freeze_epochs))
+        if frozen != self.frozen:
+            self._set_phase(frozen)
+        if ckpt.get("optimizer"):
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
