@@ -6,7 +6,6 @@ cluster is up, which shows what Ray's own processes (GCS, raylet, dashboard, log
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from fer_ray.config import TrainConfig
 from fer_ray.data import split_indices
 from fer_ray.data.augment import Augment, Preprocess
 from fer_ray.data.synthetic import generate
+from fer_ray.experiment import Experiment
 from fer_ray.models import create_model
 from fer_ray.train import init_ray, make_trainer, put_dataset
 
@@ -39,9 +39,8 @@ def bare_epochs(cfg: TrainConfig, images, labels, epochs: int) -> list[float]:
 
 
 def ray_epochs(cfg: TrainConfig, ref, tmp: Path, name: str) -> list[float]:
-    make_trainer(cfg, ref, tmp / name, tmp / "train", name=name).fit()
-    history = json.loads((tmp / name / "history.json").read_text())
-    return [h["train_time_s"] for h in history]
+    make_trainer(cfg, ref, tmp, name).fit()
+    return [h["train_time_s"] for h in Experiment(tmp).history(name)]
 
 
 def main() -> None:

@@ -159,7 +159,8 @@ class TrainConfig(_Config):
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     amp: str = "auto"
-    """``auto`` (bf16/fp16 on tensor-core GPUs, fp32 elsewhere), ``off``, ``fp16`` or ``bf16``."""
+    """``auto`` (bf16 on sm_80+, fp16 + GradScaler on sm_70/75, fp32 below and on the CPU: ``engine.amp_rule``),
+    ``off``, or ``fp16``/``bf16`` forced on any device (the CPU included)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mixup: float = 0.0
     """Mixup alpha (timm ``Mixup``); 0 turns it off."""

@@ -3,7 +3,7 @@
 torch 2.14.1's CUDA 13 wheels ship kernels for sm_75 and newer, so a GTX 1080 Ti (sm_61) fails deep inside
 the first convolution with "no kernel image is available". Each training worker calls ``preflight`` first and
 fails fast instead, naming the GPU, its compute capability and what the build supports. Precision per device
-is decided in ``fer_ray.engine.autocast_dtype`` (AMP only on tensor-core GPUs, compute capability >= 7.0);
+is decided in ``fer_ray.engine.amp_rule`` (bf16 on sm_80+, fp16 + GradScaler on sm_70/75, fp32 below);
 ``accelerator_type`` names the GPU the way Ray does, for the per-type batch caps of ``fer_ray.placement``.
 """
 

@@ -19,3 +19,14 @@ def test_cluster_file_validates(path):
 
 def test_cluster_files_exist():
     assert {p.name for p in FILES} >= {"cluster.yaml", "cluster-onprem.yaml"}
+
+
+def test_cloud_cluster_writes_to_a_bucket():
+    """The autoscaling cluster keeps results in S3 (no NFS), and its GPU workers get an instance profile for it."""
+    text = (Path(__file__).parent.parent / "cluster.yaml").read_text()
+    raw = yaml.safe_load(text)
+    assert "--out s3://" in text and "nfs" not in " ".join(raw["setup_commands"]).lower()
+    for name, node in raw["available_node_types"].items():
+        if node["resources"].get("GPU"):
+            assert node["node_config"]["IamInstanceProfile"] == {"Name": "fer-ray-s3"}, name
+    assert "mount -t nfs4" in (Path(__file__).parent.parent / "cluster-onprem.yaml").read_text()
