@@ -39,8 +39,14 @@ def _apply_overrides(cfg: SweepConfig, args) -> SweepConfig:
     train = cfg.train.to_dict()
     if args.workers_per_trial is not None:
         train["num_workers"] = args.workers_per_trial
-    if args.gpus_per_trial:
-        train.update(use_gpu=True, num_workers=args.workers_per_trial or args.gpus_per_trial)
+    if args.gpus_per_trial and args.gpus_per_trial < 1:  # a share of one GPU: an in-process trial by default
+        train.update(use_gpu=True, gpu_fraction=args.gpus_per_trial, num_workers=args.workers_per_trial or 0)
+    elif args.gpus_per_trial:
+        if args.gpus_per_trial != int(args.gpus_per_trial):
+            raise ConfigError(f"--gpus-per-trial: a whole number of GPUs, or a fraction below 1 of one GPU; "
+                              f"got {args.gpus_per_trial}")
+        train.update(use_gpu=True, gpu_fraction=1.0,
+                     num_workers=args.workers_per_trial or int(args.gpus_per_trial))
     data = cfg.data.to_dict()
     if args.data:
         data["path"] = args.data
@@ -231,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     def sweep_opts(sp):
         sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all); ignored with RAY_ADDRESS")
         sp.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (0 = Ray Train local mode)")
-        sp.add_argument("--gpus-per-trial", type=int, help="GPUs per trial (one per DDP worker)")
+        sp.add_argument("--gpus-per-trial", type=float,
+                        help="GPUs per trial: N whole GPUs (one per DDP worker), or a share of one below 1 "
+                             "(0.25 packs four small trials on a GPU)")
         sp.add_argument("--data", help="dataset path (csv, image folders, torchvision layout); default synthetic")
         sp.add_argument("--name", help="experiment name (default: the sweep's name)")
 

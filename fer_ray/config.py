@@ -184,6 +184,10 @@ class TrainConfig(_Config):
     num_workers: int = 2
     """DDP workers (Ray Train actors); 0 runs the loop in-process (Ray Train local mode)."""
     use_gpu: bool = False
+    gpu_fraction: float = 1.0
+    """Share of a GPU each worker asks Ray for (with ``use_gpu``). Below 1, Ray packs several trials on one GPU
+    (``0.25``: four): for small 48-px nets that leave a big GPU mostly idle. Single-worker trials only (DDP ranks
+    need a GPU each). ``scripts/gpu_check.py`` measures the packing gain and recommends a value per GPU."""
     cpus_per_worker: float = 1.0
     accelerator_type: str | None = None
     """Ray accelerator type every worker runs on (``A100``, ``GeForce-RTX-3090``): ``ScalingConfig(accelerator_type)``.
@@ -204,6 +208,10 @@ class TrainConfig(_Config):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         _check(self.amp in ("auto", "off", "fp16", "bf16"), "amp", f"must be auto/off/fp16/bf16, got {self.amp!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(0 < self.gpu_fraction <= 1, "gpu_fraction", f"must be in (0, 1], got {self.gpu_fraction}")
+        _check(self.gpu_fraction == 1 or self.num_workers <= 1, "gpu_fraction",
+               f"a fraction of a GPU is for single-worker trials (DDP ranks need a GPU each); num_workers is "
+               f"{self.num_workers}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(self.mixup >= 0 and self.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0")
         _check(0 <= self.distill_alpha <= 1, "distill_alpha", f"must be in [0, 1], got {self.distill_alpha}")

@@ -35,9 +35,10 @@ class ScoreJob:
 
 
 def task_resources(cfg: TrainConfig, cluster_cpus: float | None = None) -> dict[str, float]:
-    """Ray task options for scoring a checkpoint of a trial trained with ``cfg``."""
+    """Ray task options for scoring a checkpoint of a trial trained with ``cfg``: its GPU (or GPU share), else the
+    trial's CPUs (capped at the cluster's)."""
     if cfg.use_gpu:
-        return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_gpus": cfg.gpu_fraction, "num_cpus": 1}
     cpus = cfg.cpus_per_worker * max(1, cfg.num_workers)
     return {"num_cpus": min(cpus, cluster_cpus) if cluster_cpus else cpus}
 

@@ -74,11 +74,16 @@ def pick_type(candidates: list[str] | None, gpus: dict[str, tuple[float, float]]
     return best
 
 
+def gpus_needed(cfg: TrainConfig) -> float:
+    """GPUs a trial holds: one per DDP worker, or its ``gpu_fraction`` of one for a single-worker trial."""
+    return cfg.gpu_fraction if cfg.num_workers <= 1 else float(cfg.num_workers)
+
+
 def place(cfg: TrainConfig, rule: PlacementRule | None, gpus: dict[str, tuple[float, float]]) -> TrainConfig:
     """``cfg`` with ``accelerator_type`` set when the trial must be pinned to one GPU type."""
     if not cfg.use_gpu or cfg.accelerator_type:
         return cfg
-    chosen = pick_type(rule.allowed() if rule else None, gpus, max(1, cfg.num_workers))
+    chosen = pick_type(rule.allowed() if rule else None, gpus, gpus_needed(cfg))
     return cfg.replace(accelerator_type=chosen) if chosen else cfg
 
 
@@ -92,7 +97,7 @@ def trial_resources(cfg: TrainConfig, rule: PlacementRule | None, gpus: dict[str
     if cfg.num_workers > 0:
         return {"CPU": 0.1}
     cfg = place(cfg, rule, gpus)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpu_fraction} if cfg.use_gpu else {})}
     if cfg.accelerator_type:
         resources[RESOURCE_PREFIX + cfg.accelerator_type] = 0.001
     return resources

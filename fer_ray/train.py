@@ -195,7 +195,7 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
     """Workers, their CPUs/GPU and (``cfg.accelerator_type``) the one GPU type they all run on."""
     return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                    resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                         **({"GPU": 1} if cfg.use_gpu else {})},
+                                                         **({"GPU": cfg.gpu_fraction} if cfg.use_gpu else {})},
                                    accelerator_type=cfg.accelerator_type)
 
 

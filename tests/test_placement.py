@@ -176,3 +176,58 @@ def test_two_worker_gpu_trial_stays_on_one_gpu_type(two_type_cluster, tmp_path):
                         run_config=RunConfig(name="where", storage_path=str(tmp_path / "runs"))).fit()
     landed = {p.read_text() for p in tmp_path.glob("rank*")}
     assert landed == b_nodes, "one worker on each B node, none on the A head"
+
+
+def test_fractional_gpu_trials_ask_for_a_share():
+    quarter = TrainConfig(num_workers=0, use_gpu=True, cpus_per_worker=1, gpu_fraction=0.25)
+    assert trial_resources(quarter, None, {}) == {"CPU": 1, "GPU": 0.25}
+    from fer_ray.inference import task_resources
+    from fer_ray.train import scaling_config
+
+    assert task_resources(quarter) == {"num_gpus": 0.25, "num_cpus": 1}
+    one_worker = quarter.replace(num_workers=1)
+    assert scaling_config(one_worker)._resources_per_worker_not_none == {"CPU": 1, "GPU": 0.25}
+    assert place(one_worker, PlacementRule(accelerator_type=["A", "B"]), {"A": (0.0, 1.0), "B": (0.5, 1.0)}
+                 ).accelerator_type == "B", "0.25 of a GPU fits where half a GPU is free"
+    for bad, msg in (({"gpu_fraction": 0.5, "num_workers": 2}, "single-worker trials"),
+                     ({"gpu_fraction": 0.0}, r"must be in \(0, 1\]"), ({"gpu_fraction": 1.5}, r"must be in \(0, 1\]")):
+        with pytest.raises(ConfigError, match=f"train.gpu_fraction: .*{msg}"):
+            TrainConfig.from_dict(bad, "train")
+
+
+def test_cli_gpus_per_trial_takes_a_share():
+    import argparse
+
+    from fer_ray.cli import _apply_overrides
+
+    args = argparse.Namespace(workers_per_trial=None, gpus_per_trial=0.25, data=None, name=None)
+    train = _apply_overrides(SweepConfig(), args).train
+    assert (train.use_gpu, train.gpu_fraction, train.num_workers) == (True, 0.25, 0)
+    train = _apply_overrides(SweepConfig(), argparse.Namespace(**{**vars(args), "gpus_per_trial": 2.0})).train
+    assert (train.use_gpu, train.gpu_fraction, train.num_workers) == (True, 1.0, 2)
+    with pytest.raises(ConfigError, match="--gpus-per-trial"):
+        _apply_overrides(SweepConfig(), argparse.Namespace(**{**vars(args), "gpus_per_trial": 1.5}))
+
+
+@pytest.mark.ray
+def test_fractional_gpu_trials_share_one_gpu(two_type_cluster):
+    """Four trials asking 0.25 GPU each (the resources ``trial_resources`` gives a Tune trial) run at the same time on
+    the head's one logical GPU, all seeing the same GPU id."""
+    import ray
+
+    from fer_ray.placement import cluster_gpus
+
+    @ray.remote
+    def trial(seconds: float) -> tuple[float, float, list]:
+        t0 = time.time()
+        time.sleep(seconds)
+        return t0, time.time(), ray.get_gpu_ids()
+
+    quarter = TrainConfig(num_workers=0, use_gpu=True, cpus_per_worker=0.25, gpu_fraction=0.25)
+    cfg = place(quarter, PlacementRule(accelerator_type=["A"]), cluster_gpus())
+    res = trial_resources(cfg, None, {})
+    assert res == {"CPU": 0.25, "GPU": 0.25, "accelerator_type:A": 0.001}
+    opts = {"num_cpus": res.pop("CPU"), "num_gpus": res.pop("GPU"), "resources": res}
+    runs = ray.get([trial.options(**opts).remote(3.0) for _ in range(4)])
+    assert max(start for start, _, _ in runs) < min(end for _, end, _ in runs), "all four ran at the same time"
+    assert len({tuple(ids) for _, _, ids in runs}) == 1, "on the same GPU"
