@@ -22,6 +22,7 @@ from fer_ray.checkpoint import CheckpointError
 from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
 from fer_ray.data import DataError
 from fer_ray.experiment import Experiment
+from fer_ray.names import FORMATS
 from fer_ray.storage import StorageError
 from fer_ray.store import StoreError
 
@@ -59,6 +60,7 @@ def _apply_overrides(cfg: SweepConfig, args) -> SweepConfig:
 
 
 def cmd_sweep(args) -> None:
+    from fer_ray.models import check_model_names
     from fer_ray.pipeline import run_all
 
     if args.resume:
@@ -66,6 +68,7 @@ def cmd_sweep(args) -> None:
         cfg = exp.sweep()
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
+        check_model_names(cfg)
         exp = _new_experiment(args.out, cfg.name, args.overwrite)
     run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
 
@@ -301,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("results_dir", help="experiment folder or URI (results/<name>)")
     ev.add_argument("--data", required=True, help="dataset path (csv, image folders, torchvision layout)")
     ev.add_argument("--name", help="split name (default: ext_<file or folder stem>)")
-    ev.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
+    ev.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     ev.set_defaults(func=cmd_evaluate)
 
     di_help = ("distil a built ensemble into one student: teacher = the ensemble's TTA logits on the train split "
@@ -344,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     dl = dsub.add_parser("load", help="load a dataset and print split sizes and class counts")
     dl.add_argument("path")
-    dl.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
+    dl.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     dl.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
     for name, help_ in (("check", "find exact/near duplicates, split leakage, label conflicts and blank images"),
                         ("report", "write an EDA report (class balance, pixel stats, duplicates, samples; HTML)")):
         dq = dsub.add_parser(name, help=help_, description=help_)
         dq.add_argument("path", help="fer2013.csv, image-folder root or torchvision root")
-        dq.add_argument("--format", default="auto", choices=["auto", "csv", "folders", "torchvision"])
+        dq.add_argument("--format", default="auto", choices=["auto", *FORMATS])
         dq.add_argument("--threshold", type=int, default=4,
                         help="largest perceptual-hash distance (bits of 64) counted as a near duplicate (default 4)")
         dq.add_argument("--cache-dir", help="parquet cache of the loaded data (default .cache/fer_ray)")

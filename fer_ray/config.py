@@ -1,14 +1,19 @@
 """Typed run configuration: data, augmentation, training and sweep dataclasses, loaded from YAML.
 
-Every dataclass rejects unknown keys and impossible values with a one-line ``ConfigError`` naming the field.
-A sweep file (``sweeps/*.yaml``) holds ``data``, ``train`` (the base trial config) and a ``search_space`` of
-dotted ``train`` field names (``lr``, ``augment.strength``) mapped to ``{choice|uniform|loguniform|randint}``.
+Every dataclass rejects unknown keys, values of the wrong type (each value is checked against its field's type
+hint) and impossible values with a one-line ``ConfigError`` naming the field. A sweep file (``sweeps/*.yaml``)
+holds ``data``, ``train`` (the base trial config) and a ``search_space`` of dotted ``train`` field names (``lr``,
+``augment.strength``) mapped to ``{choice|grid|uniform|loguniform|randint}``, every candidate (and both bounds of a
+range) checked as a value of its field. This module is a leaf: it imports no torch and no other fer_ray module but
+the torch-free view grammar (``fer_ray.views``); model names are checked where models live
+(``fer_ray.models.check_model_names``) when a sweep is loaded to run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,20 +21,64 @@ from typing import Any
 
 import yaml
 
+from fer_ray.names import DEDUP_MODES, FORMATS
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the file or field."""
 
 
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if isinstance(origin, type) and issubclass(origin, _Config):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as YAML gives it) fits the type hint ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_matches(k, args[0]) and _matches(v, args[1])
+                                                           for k, v in value.items()))
+    if isinstance(origin, type) and issubclass(origin, _Config):
+        return isinstance(value, dict | origin)
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def _type_error(where: str, value: Any, hint: Any) -> ConfigError:
+    hint_text = ""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+        hint_text = f" (YAML reads {value} as text: write it with a dot, e.g. {value.replace('e', '.0e', 1)})"
+    return ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}){hint_text}")
+
+
 class _Config:
-    """Mixin: ``from_dict`` with unknown-key rejection and nested dataclass fields; ``to_dict``."""
+    """Mixin: ``from_dict`` with unknown-key rejection, type checks and nested dataclass fields; ``to_dict``."""
 
     @classmethod
     def from_dict(cls, raw: dict | None, where: str = "") -> Any:
-        raw = dict(raw or {})
         where = where or cls.__name__
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r:.60}")
+        raw = dict(raw or {})
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
@@ -38,8 +87,12 @@ class _Config:
         kwargs = {}
         for key, value in raw.items():
             sub = hints[key]
+            if not _matches(value, sub):
+                raise _type_error(f"{where}.{key}", value, sub)
             if isinstance(sub, type) and issubclass(sub, _Config):
-                value = sub.from_dict(value, f"{where}.{key}")
+                value = sub.from_dict(value, f"{where}.{key}") if isinstance(value, dict) else value
+            elif sub is float or float in typing.get_args(sub):
+                value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
             kwargs[key] = value
         try:
             return cls(**kwargs)
@@ -80,19 +133,18 @@ class DataConfig(_Config):
     exact-duplicate group in each split; ``leakage`` drops Training images that exactly or nearly duplicate a
     PublicTest/PrivateTest image; ``both``."""
     near_dup_threshold: int = 4
+    """Largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate."""
     ferplus: str | None = None
     """FER+ ``fer2013new.csv`` whose majority votes relabel a ``fer2013.csv`` source (``fer_ray.data.ferplus``)."""
     group_duplicates: bool = True
     """Carve ``val`` by exact-duplicate groups, so no pixel-identical pair straddles train/val."""
-    """Largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate."""
 
     def __post_init__(self) -> None:
-        _check(self.format in ("auto", "csv", "folders", "torchvision"), "format", f"unknown {self.format!r}")
+        _check(self.format in ("auto", *FORMATS), "format", f"must be auto or one of {FORMATS}, got {self.format!r}")
         _check(self.synthetic_n >= 70, "synthetic_n", f"must be >= 70, got {self.synthetic_n}")
         _check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.on_bad_row in ("error", "skip"), "on_bad_row", f"must be error or skip, got {self.on_bad_row!r}")
-        _check(self.dedup in ("none", "within", "leakage", "both"), "dedup",
-               f"must be none, within, leakage or both, got {self.dedup!r}")
+        _check(self.dedup in DEDUP_MODES, "dedup", f"must be one of {DEDUP_MODES}, got {self.dedup!r}")
         _check(isinstance(self.near_dup_threshold, int) and 0 <= self.near_dup_threshold <= 16, "near_dup_threshold",
                f"must be an integer in [0, 16], got {self.near_dup_threshold!r}")
 
@@ -194,9 +246,7 @@ class TrainConfig(_Config):
     ``None`` lets the sweep's ``placement`` rules pick one per trial (``fer_ray.placement``)."""
 
     def __post_init__(self) -> None:
-        from fer_ray.models import is_model
-
-        _check(is_model(self.model), "model", f"unknown model {self.model!r} (see `fer-ray models`)")
+        _check(isinstance(self.model, str) and bool(self.model), "model", "must be a model name")
         _check(self.img_size is None or 16 <= self.img_size <= 512, "img_size", f"out of range: {self.img_size}")
         _check(self.drop_rate is None or 0 <= self.drop_rate < 1, "drop_rate", f"must be in [0, 1): {self.drop_rate}")
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -235,7 +285,7 @@ def _is_type_name(name: object) -> bool:
 class PlacementRule(_Config):
     """Where one architecture's GPU trials may run (``SweepConfig.placement``; see ``fer_ray.placement``)."""
 
-    accelerator_type: list[str] | None = None
+    accelerator_type: list[str] | str | None = None
     """Allowed Ray accelerator types (``A100``, ``GeForce-RTX-3090``), in order of preference; ``None``: any."""
     min_gpu_memory_gb: float | None = None
     """Keep only types whose memory (``fer_ray.placement.GPU_MEMORY_GB``) is at least this many GB."""
@@ -261,7 +311,7 @@ class PlacementRule(_Config):
         _check(isinstance(caps, dict) and all(_is_type_name(k) and isinstance(v, int) and v >= 1
                                               for k, v in caps.items()),
                "batch_size_cap", f"must map accelerator type names to batch sizes >= 1, got {caps!r}")
-        _check(self.allowed() != [], "min_gpu_memory_gb", f"no allowed GPU type has >= {mem} GB")
+        _check(self.allowed() != [], "min_gpu_memory_gb", f"no allowed GPU type has >= {mem or 0:g} GB")
 
     def allowed(self) -> list[str] | None:
         """The allowed accelerator types after the memory rule, ``None`` for any."""
@@ -338,11 +388,11 @@ class SweepConfig(_Config):
         _check(self.mode in ("max", "min"), "mode", "must be max or min")
         _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
         _check(self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1")
-        from fer_ray.tta import expand_views, parse_view  # validated here so a bad view fails before training
+        from fer_ray.views import expand_views, parse_view_spec  # a bad view fails before training
 
         for view in expand_views(self.tta_views):
             try:
-                parse_view(str(view))
+                parse_view_spec(str(view))
             except ValueError as e:
                 raise ConfigError(f"tta_views: {e} (quote views with commas in YAML: \"shift2,0\")") from None
         base = self.train.to_dict()
@@ -350,16 +400,7 @@ class SweepConfig(_Config):
             _check(_has_path(base, key), f"search_space.{key}", "is not a train config field")
             ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _SAMPLERS
             _check(ok, f"search_space.{key}", f"must be one mapping of {'/'.join(_SAMPLERS)} to values")
-            sampler, values = next(iter(spec.items()))
-            _check(isinstance(values, list) and values, f"search_space.{key}", "needs a non-empty list")
-            if sampler in ("uniform", "loguniform", "randint"):
-                _check(len(values) == 2 and values[0] < values[1], f"search_space.{key}", "needs [low, high]")
-            if sampler in ("choice", "grid"):
-                for v in values:  # each candidate must make a valid TrainConfig
-                    try:
-                        TrainConfig.from_dict(set_path(base, key, v))
-                    except ConfigError as e:
-                        raise ConfigError(f"search_space.{key}: value {v!r} is invalid ({e})") from None
+            _check_space(base, key, *next(iter(spec.items())))
         if self.asha.max_t > self.train.epochs:
             raise ConfigError(f"asha.max_t ({self.asha.max_t}) exceeds train.epochs ({self.train.epochs})")
 
@@ -372,13 +413,9 @@ class SweepConfig(_Config):
         return n
 
     def _check_placement(self) -> None:
-        from fer_ray.models import is_model
-
         _check(isinstance(self.placement, dict), "placement", "must map model names (or default) to rules")
         rules = {}
         for arch, rule in self.placement.items():
-            _check(arch == "default" or is_model(str(arch)), f"placement.{arch}",
-                   "is not a model name (see `fer-ray models`) or default")
             _check(isinstance(rule, dict | PlacementRule), f"placement.{arch}", f"must be a mapping, got {rule!r}")
             if isinstance(rule, dict):
                 rule = PlacementRule.from_dict(rule, f"placement.{arch}")
@@ -396,6 +433,26 @@ class SweepConfig(_Config):
         default = self.placement.get("default")
         rule = self.placement.get(model)
         return rule.merged(default) if rule else default
+
+
+def _check_space(base: dict, key: str, sampler: str, values: Any) -> None:
+    """A search-space entry's values, checked as values of the field they sample: every ``choice``/``grid``
+    candidate, and both bounds of a range (floats for ``uniform``/``loguniform``, integers for ``randint``)."""
+    where = f"search_space.{key}"
+    _check(isinstance(values, list) and values, where, "needs a non-empty list")
+    candidates = values
+    if sampler in ("uniform", "loguniform", "randint"):
+        kind = int if sampler == "randint" else float
+        ok = len(values) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        _check(ok and values[0] < values[1], where, "needs [low, high] numbers, low < high")
+        _check(kind is float or all(float(v).is_integer() for v in values), where, "randint needs integer bounds")
+        _check(sampler != "loguniform" or values[0] > 0, where, "loguniform needs low > 0")
+        candidates = [kind(v) for v in values]
+    for v in candidates:  # each one must make a valid TrainConfig
+        try:
+            TrainConfig.from_dict(set_path(base, key, v))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: value {v!r} is invalid ({e})") from None
 
 
 def _has_path(d: dict, dotted: str) -> bool:

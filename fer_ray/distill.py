@@ -28,6 +28,7 @@ from fer_ray.config import SweepConfig, TrainConfig
 from fer_ray.data import FERData
 from fer_ray.ensemble import apply_fitted, reproduce_ensemble
 from fer_ray.experiment import Experiment, as_experiment
+from fer_ray.models import check_model_names
 from fer_ray.report import leaderboard, member_table, write_report
 from fer_ray.store import StoreError, logit_table, read_logits
 from fer_ray.tta import fill_store
@@ -128,6 +129,7 @@ def distill(exp: Experiment | str, ensemble: str, student: str, *, epochs: int |
     sweep = exp.sweep()
     cfg = student_config(sweep.train, student, alpha=alpha, temperature=temperature, epochs=epochs,
                          img_size=img_size, num_workers=num_workers, batch_size=batch_size, lr=lr)
+    check_model_names(sweep.replace(train=cfg, search_space={}, placement={}))
     safe = (name or student).replace("/", "_")
     member, group = f"distill:{safe}", f"distill/{safe}"
     data, splits = prepare_dataset(sweep.data)

@@ -21,11 +21,12 @@ from fer_ray.data import CLASSES
 from fer_ray.ensemble import fit_temperature, member_logits, pareto_front
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, reliability_curve, softmax
+from fer_ray.names import SPLIT_ROLES, SPLITS
 from fer_ray.store import load_store
 
 COLUMNS = ["name", "kind", "members", "arch", "img_size", "tta_views", "params", "gmacs", "total_gmacs", "combiner",
            "selected_on"]
-SPLIT_ORDER = ["val", "public_test", "private_test"]
+SPLIT_ORDER = [s for s in SPLITS if SPLIT_ROLES[s] != "fit"]
 
 
 def _report_split(roles: dict[str, str]) -> str | None:

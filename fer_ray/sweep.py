@@ -37,6 +37,7 @@ from fer_ray.data import CLASSES
 from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.flops import count_gmacs, count_params
 from fer_ray.loop import best_entry, build_model
+from fer_ray.names import SPLIT_ROLES
 from fer_ray.placement import cluster_gpus, place_in_cluster, trial_resources
 from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
@@ -44,7 +45,6 @@ from fer_ray.train import CHECKPOINT_KEEP, init_ray, make_trainer, prepare_datas
 
 log = logging.getLogger(__name__)
 
-SPLIT_ROLES = {"train": "fit", "val": "select", "public_test": "report", "private_test": "report"}
 _SAMPLERS = {
     "choice": tune.choice,
     "grid": tune.grid_search,
@@ -179,7 +179,10 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
     under this prefix of the experiment, without writing its set-up files or ``trials.parquet`` (``fer-ray
     distill``), with ``data_ref`` (an object-store reference from ``put_dataset``) as the shared dataset.
     """
+    from fer_ray.models import check_model_names
+
     exp = as_experiment(exp)
+    check_model_names(cfg)  # before any data is read or trial started
     if data_ref is None:
         data, splits = prepared or prepare_dataset(cfg.data)
         if not resume and not group:

@@ -1,20 +1,18 @@
 """Test-time augmentation: named views, batched multi-view inference and filling the logit store.
 
-A view is a deterministic transform of the float ``[B, 1, 48, 48]`` batch, named in a policy list:
-``identity``, ``hflip``, ``rot<deg>`` (``rot10``, ``rot-10``), ``shift<dx>,<dy>`` (px), ``scale<s>``
-(``scale1.1``), ``crop<c><pos>`` (a ``c``×``c`` crop at ``tl``/``tr``/``bl``/``br``/``c``, resized back), and ``+``
-combinations (``hflip+rot10``). In a policy, ``tencrop<c>`` expands to the ten-crop views (4 corners + centre, each
-also flipped; ``expand_views``). All views of a batch are stacked and go through the model as one forward pass,
-on an inference copy of the model (channels-last, conv+BN folded: ``inference_model``). ``fill_store`` scores each
-trial's best checkpoint once per (split, policy) as Ray tasks on the cluster (``fer_ray.inference``) and writes the
-experiment's ``logits/<trial_id>/<split>.parquet``; stored files with the same checkpoint sha256 and views are reused.
+A view is a deterministic transform of the float ``[B, 1, 48, 48]`` batch, named in a policy list in the grammar
+of ``fer_ray.views`` (``identity``, ``hflip``, ``rot10``, ``shift2,0``, ``scale1.1``, ``crop40c``, ``hflip+rot10``;
+``tencrop40`` in a policy); ``parse_view`` builds it from the parsed steps. All views of a batch are stacked and
+go through the model as one forward pass, on an inference copy of the model (channels-last, conv+BN folded:
+``inference_model``). ``fill_store`` scores each trial's best checkpoint once per (split, policy) as Ray tasks on
+the cluster (``fer_ray.inference``) and writes the experiment's ``logits/<trial_id>/<split>.parquet``; stored files
+with the same checkpoint sha256 and views are reused.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Callable, Sequence
 
 import kornia.geometry.transform as KT
@@ -26,21 +24,9 @@ from torch import nn
 from fer_ray import engine
 from fer_ray.data import FERData
 from fer_ray.data.augment import Preprocess
+from fer_ray.views import expand_views, parse_view_spec
 
-_VIEW_RE = re.compile(r"^(identity|hflip|rot(-?\d+(?:\.\d+)?)|shift(-?\d+),(-?\d+)|scale(\d+(?:\.\d+)?)"
-                      r"|crop(\d+)(tl|tr|bl|br|c))$")
-_CROP_POSITIONS = ("tl", "tr", "bl", "br", "c")
-
-
-def expand_views(views: Sequence[str]) -> list[str]:
-    """A policy with ``tencrop<c>`` entries replaced by their ten views (crops at 4 corners + centre, ± flip)."""
-    out: list[str] = []
-    for view in views:
-        m = re.fullmatch(r"tencrop(\d+)", str(view).strip())
-        crops = [f"crop{m.group(1)}{pos}" for pos in _CROP_POSITIONS] if m else []
-        out.extend([*crops, *(f"{c}+hflip" for c in crops)] if m else [str(view)])
-    return out
-
+__all__ = ["expand_views", "fill_store", "inference_model", "parse_view", "tta_logits", "tta_logits_loop"]
 
 def _crop(x: torch.Tensor, size: int, pos: str) -> torch.Tensor:
     """The ``size``×``size`` crop at ``pos`` of a ``[B, C, H, W]`` batch, resized back to ``H``×``W``."""
@@ -65,24 +51,13 @@ def _affine(x: torch.Tensor, angle: float = 0.0, shift: tuple[float, float] = (0
 
 
 def parse_view(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The transform for one view name; unknown names raise ``ValueError`` naming the view."""
-    steps = []
-    for part in name.split("+"):
-        m = _VIEW_RE.match(part.strip())
-        if not m:
-            raise ValueError(f"unknown TTA view {name!r} (part {part!r}); use identity, hflip, rot<deg>, "
-                             "shift<dx>,<dy>, scale<s>, crop<c><tl|tr|bl|br|c> or +-combinations "
-                             "(tencrop<c> in a policy)")
-        if m.group(1) == "hflip":
-            steps.append(functools.partial(torch.flip, dims=[-1]))
-        elif m.group(2) is not None:
-            steps.append(functools.partial(_affine, angle=float(m.group(2))))
-        elif m.group(3) is not None:
-            steps.append(functools.partial(_affine, shift=(float(m.group(3)), float(m.group(4)))))
-        elif m.group(5) is not None:
-            steps.append(functools.partial(_affine, scale=float(m.group(5))))
-        elif m.group(6) is not None:
-            steps.append(functools.partial(_crop, size=int(m.group(6)), pos=m.group(7)))
+    """The transform for one view name (``fer_ray.views`` grammar); unknown names raise ``ValueError``."""
+    make = {"hflip": lambda: functools.partial(torch.flip, dims=[-1]),
+            "rotate": lambda deg: functools.partial(_affine, angle=deg),
+            "shift": lambda dx, dy: functools.partial(_affine, shift=(dx, dy)),
+            "scale": lambda s: functools.partial(_affine, scale=s),
+            "crop": lambda size, pos: functools.partial(_crop, size=size, pos=pos)}
+    steps = [make[op](*args) for op, args in parse_view_spec(name)]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         for step in steps:

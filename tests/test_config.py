@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fer_ray.config import ConfigError, SweepConfig, TrainConfig, load_sweep, set_path
+from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, parse_sweep, set_path
+from fer_ray.models import check_model_names
 
 SWEEPS = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
 
@@ -28,7 +29,6 @@ def test_nested_unknown_key_is_named():
 
 @pytest.mark.parametrize("field,value,msg", [
     ("lr", -1.0, "lr: must be > 0"),
-    ("model", "no_such_net", "unknown model 'no_such_net'"),
     ("optimizer", "lbfgs", "optimizer: must be one of"),
     ("label_smoothing", 1.5, "label_smoothing"),
     ("epochs", 0, "epochs: must be >= 1"),
@@ -41,10 +41,57 @@ def test_bad_values(field, value, msg):
 def test_search_space_must_name_train_fields_and_valid_values():
     with pytest.raises(ConfigError, match="search_space.nope: is not a train config field"):
         SweepConfig.from_dict({"search_space": {"nope": {"choice": [1]}}})
-    with pytest.raises(ConfigError, match=r"search_space.model: value 'bogus' is invalid"):
-        SweepConfig.from_dict({"search_space": {"model": {"choice": ["bogus"]}}})
     with pytest.raises(ConfigError, match=r"needs \[low, high\]"):
         SweepConfig.from_dict({"search_space": {"lr": {"uniform": [1.0, 0.1]}}})
+
+
+@pytest.mark.parametrize("raw,msg", [
+    ({"train": {"model": "no_such_net"}}, r"train.model: unknown model 'no_such_net' \(see `fer-ray models`"),
+    ({"train": {"model": "timm/resnet18x"}}, r"train.model: unknown model 'timm/resnet18x' \(timm has no such"),
+    ({"search_space": {"model": {"choice": ["basic_cnn", "bogus"]}}}, r"search_space.model: unknown model 'bogus'"),
+    ({"placement": {"no_such_net": {}}}, r"placement.no_such_net: unknown model"),
+])
+def test_model_names_are_checked_where_models_live(raw, msg):
+    cfg = SweepConfig.from_dict(raw, "sweep")  # the config itself knows no model names (it is a torch-free leaf)
+    with pytest.raises(ConfigError, match=msg):
+        check_model_names(cfg)
+    check_model_names(SweepConfig.from_dict({"train": {"model": "timm/resnet18"}}, "sweep"))
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("train: {lr: 1e-3}", r"s.yaml: sweep.train.lr: expected a number, got '1e-3' \(str\) \(YAML reads 1e-3 as "
+                          r"text: write it with a dot, e.g. 1.0e-3\)"),
+    ("train: {epochs: 2.5}", r"sweep.train.epochs: expected an integer, got 2.5"),
+    ("train: {use_gpu: 'yes'}", r"sweep.train.use_gpu: expected true/false, got 'yes'"),
+    ("data: [[path, x.csv]]", r"sweep.data: expected a mapping, got \[\[.path., .x.csv.\]\] \(list\)"),
+    ("train: {augment: 3}", r"sweep.train.augment: expected a mapping, got 3 \(int\)"),
+    ("tta_views: identity", r"sweep.tta_views: expected a list, got 'identity'"),
+    ("search_space: {drop_rate: {uniform: [0.2, 1.5]}}", r"search_space.drop_rate: value 1.5 is invalid"),
+    ("search_space: {lr: {loguniform: [0, 0.1]}}", r"search_space.lr: loguniform needs low > 0"),
+    ("search_space: {epochs: {uniform: [2, 5]}}", r"search_space.epochs: value 2.0 is invalid .*expected an integer"),
+    ("search_space: {epochs: {randint: [0, 5]}}", r"search_space.epochs: value 0 is invalid .*epochs: must be >= 1"),
+])
+def test_values_are_checked_against_their_type_and_field(text, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_sweep(text, "s.yaml")
+
+
+def test_ints_are_accepted_where_floats_are_expected():
+    cfg = parse_sweep("train: {lr: 1, weight_decay: 0}\ndata: {val_fraction: 0.2}", "s.yaml")
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.weight_decay == 0.0
+    assert DataConfig.from_dict({"path": None}).path is None
+
+
+def test_config_is_a_torch_free_leaf():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import fer_ray.config; fer_ray.config.load_sweep("
+                          f"{str(SWEEPS[0])!r})"], capture_output=True, text=True, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "kornia", "timm", "ray")}, "heavy imports"
+    assert {m for m in imported if m.startswith("fer_ray")} <= {"fer_ray", "fer_ray.config", "fer_ray.names",
+                                                                 "fer_ray.views", "fer_ray.placement"}
 
 
 def test_asha_budget_cannot_exceed_epochs():

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-USAGES = ("Training", "PublicTest", "PrivateTest")
+from fer_ray.names import CLASSES, SPLITS, USAGES  # noqa: F401  (re-exported: the data layer's vocabulary)
+
 IMG_SIZE = 48
-# Run-level split names, and the official usage each is drawn from.
-SPLITS = ("train", "val", "public_test", "private_test")
 
 
 class DataError(ValueError):

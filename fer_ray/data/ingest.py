@@ -62,11 +62,11 @@ from PIL import Image
 
 from fer_ray.atomic import atomic_write_bytes
 from fer_ray.data.dataset import CLASSES, IMG_SIZE, USAGES, DataError, FERData
+from fer_ray.names import FORMATS, SPLIT_USAGE
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "fer_ray.ingest/1"
-FORMATS = ("csv", "folders", "torchvision")
 BAD_ROW_MODES = ("error", "skip")
 N_PIXELS = IMG_SIZE * IMG_SIZE
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})
@@ -74,8 +74,6 @@ HEADER = "emotion,pixels,Usage"
 _CLASS_HINT = ", ".join(f"{i}={c}" for i, c in enumerate(CLASSES))
 _SPLIT_DIRS = {"train": "train", "test": "test", "val": "val", "validation": "val"}
 _TV_FILES = ("icml_face_data.csv", "train.csv", "test.csv")
-_RUN_SPLIT_USAGE = {"train": "Training", "val": "Training", "public_test": "PublicTest",
-                    "private_test": "PrivateTest"}
 _CHUNK_ROWS = 1024  # CSV rows parsed per numpy block (~8 MB of pixel text)
 _HASH_CHUNK = 1 << 20
 _READ_BLOCK = 1 << 22  # pyarrow CSV block size (~500 FER rows)
@@ -250,10 +248,10 @@ def require_splits(data: FERData, needed: Iterable[str], path: str | Path) -> No
     counts = np.bincount(np.asarray(data.usage, np.int64), minlength=len(USAGES))
     have = ", ".join(f"{u} {int(c)}" for u, c in zip(USAGES, counts))
     for name in needed:
-        usage = name if name in USAGES else _RUN_SPLIT_USAGE.get(name)
+        usage = name if name in USAGES else SPLIT_USAGE.get(name)
         if usage is None:
             raise DataError(f"unknown split {name!r} required for {path}; use one of "
-                            f"{', '.join(USAGES + tuple(_RUN_SPLIT_USAGE))}")
+                            f"{', '.join(USAGES + tuple(SPLIT_USAGE))}")
         if counts[USAGES.index(usage)] == 0:
             alias = f" (usage {usage})" if usage != name else ""
             raise DataError(f"zero rows for split {name}{alias} in {path}; the data has {have}; "

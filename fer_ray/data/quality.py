@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from fer_ray.data.dataset import CLASSES, USAGES, FERData
+from fer_ray.names import DEDUP_MODES  # noqa: F401  (re-exported)
 
-DEDUP_MODES = ("none", "within", "leakage", "both")
 DEFAULT_THRESHOLD = 4
 DEFAULT_BLANK_STD = 2.0
 DEFAULT_MAX_SHIFT = 1

@@ -1,10 +1,8 @@
-"""The model registry: ``@register_model`` entries, ``create_model`` and ``list_models``.
+"""The model registry: the name → (builder, data config) table that ``@register_model`` fills, and ``list_models``.
 
-Each entry is a function ``fn(num_classes, in_chans, img_size, **kwargs) -> nn.Module`` registered with its
-data config (default input size, channels, normalisation). ``create_model`` drops ``None`` kwargs (so a YAML
-default never breaks a model that lacks the argument) and attaches ``model.fer_cfg`` to every model it
-builds, which the data pipeline reads to resize, stack channels and normalise. Names ``timm/<name>`` reach
-any timm model.
+Each entry is a function ``fn(num_classes, in_chans, img_size, **kwargs) -> nn.Module`` registered with its data
+config (default input size, channels, normalisation). Building models (and reaching timm's) is the factory's job
+(``fer_ray.models._factory``), as timm splits ``_registry`` from ``_factory``: family modules import only this one.
 """
 
 from __future__ import annotations
@@ -12,8 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
-from torch import nn
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class ModelCfg:
         return asdict(self)
 
 
-_MODELS: dict[str, tuple[Callable[..., nn.Module], ModelCfg]] = {}
+_MODELS: dict[str, tuple[Callable[..., Any], ModelCfg]] = {}
 
 
 def register_model(fn: Callable | None = None, **cfg) -> Callable:
@@ -53,41 +50,6 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def is_model(name: str) -> bool:
-    return name in _MODELS or name.startswith("timm/")
-
-
-def model_cfg(name: str) -> ModelCfg:
-    """The registered data config of ``name`` (timm models: read from timm's pretrained config)."""
-    if name.startswith("timm/"):
-        from fer_ray.models.timm_models import timm_model_cfg
-
-        return timm_model_cfg(name.split("/", 1)[1])
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())} or timm/<name>")
-    return _MODELS[name][1]
-
-
-def create_model(
-    name: str,
-    num_classes: int = 7,
-    in_chans: int | None = None,
-    img_size: int | None = None,
-    **kwargs,
-) -> nn.Module:
-    """Build a registered model (or ``timm/<name>``); ``None`` arguments fall back to the model's defaults."""
-    cfg = model_cfg(name)
-    in_chans = cfg.in_chans if in_chans is None else in_chans
-    img_size = cfg.img_size if img_size is None else img_size
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if name.startswith("timm/"):
-        from fer_ray.models.timm_models import create_timm_model
-
-        model = create_timm_model(name.split("/", 1)[1], num_classes, in_chans, img_size, **kwargs)
-    else:
-        model = _MODELS[name][0](num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
-    mean, std = cfg.mean, cfg.std
-    if len(mean) != in_chans:  # normalisation follows the channel count actually built
-        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    model.fer_cfg = dict(cfg.to_dict(), arch=name, in_chans=in_chans, img_size=img_size, mean=mean, std=std)
-    return model
+def registered(name: str) -> tuple[Callable[..., Any], ModelCfg] | None:
+    """The builder and data config registered under ``name``, or ``None``."""
+    return _MODELS.get(name)

@@ -1,0 +1,17 @@
+"""The project's fixed vocabularies, one home each: classes, official usages, run splits and their roles, data
+formats and duplicate-removal modes. Torch-free and import-free, so the config leaf and every layer can use them."""
+
+CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+"""FER-2013's seven expressions, in label order (label k is ``CLASSES[k]``)."""
+USAGES = ("Training", "PublicTest", "PrivateTest")
+"""The official Kaggle split of each image (``FERData.usage`` codes index this)."""
+SPLITS = ("train", "val", "public_test", "private_test")
+"""A run's splits, in report order after ``train``."""
+SPLIT_USAGE = {"train": "Training", "val": "Training", "public_test": "PublicTest", "private_test": "PrivateTest"}
+"""The official usage each run split is drawn from (``val`` is carved out of Training)."""
+SPLIT_ROLES = {"train": "fit", "val": "select", "public_test": "report", "private_test": "report"}
+"""``fit`` trains, ``select`` chooses trials, members, weights and temperatures, ``report`` is only scored."""
+FORMATS = ("csv", "folders", "torchvision")
+"""Dataset layouts the loaders read (``fer_ray.data.ingest``); ``auto`` detects one."""
+DEDUP_MODES = ("none", "within", "leakage", "both")
+"""``DataConfig.dedup``: duplicate removal after loading (``fer_ray.data.quality.dedup``)."""
