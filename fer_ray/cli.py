@@ -70,18 +70,23 @@ def cmd_sweep(args) -> None:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
         check_model_names(cfg)
         exp = _new_experiment(args.out, cfg.name, args.overwrite)
-    run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only)
+    run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only,
+            verbose=args.verbose)
 
 
 def _new_experiment(out: str, name: str, overwrite: bool) -> Experiment:
-    """The experiment ``name`` under ``out``; one that already holds trials is refused, or with ``overwrite`` removed
-    (a new sweep must not mix its trials with an old one's)."""
+    """The experiment ``name`` under ``out``. A folder there already is refused unless fer_ray created it and
+    ``overwrite`` is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder
+    fer_ray did not create is never touched."""
     exp = Experiment.under(out, name)
-    if exp.dirs("trials") or exp.is_file("trials.parquet"):
-        if not overwrite:
-            raise ConfigError(f"{exp.uri} already holds a sweep: continue it with --resume {exp.uri}, choose "
-                              f"another --name or --out, or replace it with --overwrite")
-        exp.delete("")
+    if exp.is_empty():
+        return exp
+    if not exp.owns():
+        exp.remove(within=out)  # refuses with one line: not created by fer_ray
+    if not overwrite:
+        raise ConfigError(f"{exp.uri} already holds an experiment: continue it with --resume {exp.uri}, choose "
+                          f"another --name or --out, or replace it with --overwrite")
+    exp.remove(within=out)
     return exp
 
 
@@ -109,7 +114,7 @@ def cmd_train(args) -> None:
                                  "train": train, "num_samples": 1, "asha": {"max_t": epochs, "grace_period": epochs},
                                  "placement": raw.get("placement", {})}, "train")
     exp = _new_experiment(args.out, cfg.name, args.overwrite)
-    trials = run_sweep(cfg, exp, num_cpus=args.num_cpus)
+    trials = run_sweep(cfg, exp, num_cpus=args.num_cpus, verbose=args.verbose)
     print(trials.drop(columns=["config"]).to_string(index=False))
 
 
@@ -233,133 +238,119 @@ def cmd_data(args) -> None:
             print(f"  {name:12s} {int(mask.sum()):6d}  per class {data.class_counts(name).tolist()}")
 
 
+def arg(*flags: str, **kw) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` call of a subcommand table."""
+    return flags, kw
+
+
+RESULTS = arg("results_dir", help="experiment folder or URI (results/<name>, s3://bucket/prefix/<name>)")
+NUM_CPUS = arg("--num-cpus", type=int, help="CPUs for a local Ray (default: all); ignored with RAY_ADDRESS")
+VERBOSE = arg("--verbose", action="store_true", help="also print Ray's trial tables and worker logs")
+FORMAT = arg("--format", default="auto", choices=["auto", *FORMATS])
+SWEEP_OPTS = [
+    NUM_CPUS, VERBOSE,
+    arg("--workers-per-trial", type=int, help="DDP workers per trial (0 = Ray Train local mode)"),
+    arg("--gpus-per-trial", type=float, help="GPUs per trial: N whole GPUs (one per DDP worker), or a share of one "
+                                             "below 1 (0.25 packs four small trials on a GPU)"),
+    arg("--data", help="dataset path (csv, image folders, torchvision layout); default synthetic"),
+    arg("--name", help="experiment name (default: the sweep's name)"),
+]
+DATA_QUALITY = [
+    arg("path", help="fer2013.csv, image-folder root or torchvision root"), FORMAT,
+    arg("--threshold", type=int, default=4,
+        help="largest perceptual-hash distance (bits of 64) counted as a near duplicate (default 4)"),
+    arg("--cache-dir", help="parquet cache of the loaded data (default .cache/fer_ray)"),
+]
+
+COMMANDS: dict[str, tuple] = {
+    "sweep": (cmd_sweep, "run a sweep file: ASHA sweep → TTA → ensemble → leaderboard", [
+        arg("sweep", nargs="?", help="sweeps/<file>.yaml (or a bare file name inside sweeps/)"),
+        arg("--out", default="results", help="results root: a path or a URI such as s3://bucket/prefix "
+                                             "(default: results)"),
+        arg("--resume", metavar="RESULTS_DIR", help="continue an interrupted sweep in this experiment (path or URI)"),
+        arg("--sweep-only", action="store_true", help="stop after the sweep (no TTA/ensemble/report)"),
+        arg("--overwrite", action="store_true", help="replace an existing experiment of the same name (default: "
+                                                     "refuse)"),
+        arg("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)"),
+        *SWEEP_OPTS]),
+    "demo": (cmd_demo, "the whole pipeline on the synthetic dataset (sweeps/demo.yaml)", [
+        arg("--out", default="results/demo", help="experiment folder, replaced if it exists (default: results/demo)"),
+        arg("--sweep", help="sweep file (default: sweeps/demo.yaml)"), NUM_CPUS, VERBOSE]),
+    "train": (cmd_train, "one Ray Train (DDP) run of one model (a one-trial sweep: same checkpoints and resume)", [
+        arg("--model", help="registry name or timm/<name> (see `fer-ray models`)"),
+        arg("--config", help="YAML with optional `data:` and `train:` sections"),
+        arg("--data", help="dataset path; default synthetic"),
+        arg("--epochs", type=int), arg("--img-size", type=int), arg("--batch-size", type=int), arg("--lr", type=float),
+        arg("--workers", type=int, help="DDP workers (0 = in-process local mode)"),
+        arg("--gpu", action="store_true", help="one GPU per worker (nccl; AMP by compute capability)"),
+        arg("--name", help="experiment name under --out (default: train_<date>_<time>)"),
+        arg("--out", default="results", help="results root: a path or a URI such as s3://bucket/prefix"),
+        arg("--overwrite", action="store_true", help="replace an existing experiment of the same name"),
+        NUM_CPUS, VERBOSE]),
+    "tta": (cmd_tta, "(re)fill the TTA logit store of an experiment (Ray tasks, one per checkpoint)", [
+        RESULTS, arg("--views", nargs="+", help="view names (default: the sweep's tta_views)")]),
+    "ensemble": (cmd_ensemble, "combine stored TTA logits of the best trials", [
+        RESULTS, arg("--top-k", type=int, default=3),
+        arg("--combiner", default="mean_logits",
+            help="mean_logits, mean_probs, nll_weights, greedy or stacking (fitted on the selection split)"),
+        arg("--spec", help="ensembles/<name>.yaml (a bare name is looked up in the repo's ensembles/)"),
+        arg("--budget-gmacs", type=float,
+            help="without --spec: search for the most accurate ensemble (on the selection split) costing <= X GMACs, "
+                 "write RESULTS_DIR/pareto.csv; with --spec: keep the top-ranked members that fit"),
+        arg("--select-split", default="val", help="the split budget search selects on (role 'select')")]),
+    "evaluate": (cmd_evaluate, "score every stored trial and ensemble on another dataset (all its images, any Usage) "
+                               "as a new report-only split; no retraining, no refitting; the leaderboard gains "
+                               "acc_NAME etc.", [
+        RESULTS, arg("--data", required=True, help="dataset path (csv, image folders, torchvision layout)"),
+        arg("--name", help="split name (default: ext_<file or folder stem>)"), FORMAT]),
+    "distill": (cmd_distill, "distil a built ensemble into one student: teacher = the ensemble's TTA logits on the "
+                             "train split (from its stored fitted numbers), loss = alpha*T^2*KL + (1-alpha)*CE, "
+                             "trained under Ray Train, selected on val, scored with TTA as member distill:<student> "
+                             "and added to the leaderboard", [
+        RESULTS, arg("--ensemble", required=True, help="name of a built ensemble (ensembles/<name>.json there)"),
+        arg("--student", required=True, help="registry name or timm/<name> (see `fer-ray models`)"),
+        arg("--epochs", type=int, help="default: the sweep's train.epochs"),
+        arg("--temperature", type=float, default=4.0, help="KD softmax temperature T (default 4)"),
+        arg("--alpha", type=float, default=0.9, help="weight of the KD term; 0 = plain CE (default 0.9)"),
+        arg("--img-size", type=int, help="student input size (default: the model's)"),
+        arg("--batch-size", type=int), arg("--lr", type=float),
+        arg("--workers", type=int, default=0, help="DDP workers (default 0: Ray Train local mode)"),
+        arg("--name", help="member name suffix (default: the student name)"), NUM_CPUS]),
+    "report": (cmd_report, "leaderboard CSV/Markdown + HTML report with plots", [
+        RESULTS, arg("--out", help="output folder or URI (default: RESULTS_DIR/report)")]),
+    "models": (cmd_models, "list registered models", [arg("pattern", nargs="?", default="*")]),
+    "flops": (cmd_flops, "params and GMACs (fvcore) of a model", [arg("model"), arg("--img-size", type=int)]),
+    "data": (cmd_data, "write the synthetic set, or load, check or report on a dataset", {
+        "synth": ("write a synthetic Kaggle-format fer2013.csv", [
+            arg("--out", required=True), arg("--n", type=int, default=6000), arg("--seed", type=int, default=0)]),
+        "load": ("load a dataset and print split sizes and class counts", [
+            arg("path"), FORMAT, arg("--on-bad-row", default="error", choices=["error", "skip"])]),
+        "check": ("find exact/near duplicates, split leakage, label conflicts and blank images", [
+            *DATA_QUALITY, arg("--out", help="groups table (.parquet or .csv)")]),
+        "report": ("write an EDA report (class balance, pixel stats, duplicates, samples; HTML)", [
+            *DATA_QUALITY, arg("--out", required=True, help="output folder")]),
+    }),
+}
+"""Subcommand → (function, help, arguments); ``data`` has its own table of sub-subcommands."""
+
+
+def _add_args(parser: argparse.ArgumentParser, args: list) -> None:
+    for flags, kw in args:
+        parser.add_argument(*flags, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fer-ray", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-
-    def sweep_opts(sp):
-        sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all); ignored with RAY_ADDRESS")
-        sp.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (0 = Ray Train local mode)")
-        sp.add_argument("--gpus-per-trial", type=float,
-                        help="GPUs per trial: N whole GPUs (one per DDP worker), or a share of one below 1 "
-                             "(0.25 packs four small trials on a GPU)")
-        sp.add_argument("--data", help="dataset path (csv, image folders, torchvision layout); default synthetic")
-        sp.add_argument("--name", help="experiment name (default: the sweep's name)")
-
-    s = sub.add_parser("sweep", help="run a sweep file: ASHA sweep → TTA → ensemble → leaderboard")
-    s.add_argument("sweep", nargs="?", help="sweeps/<file>.yaml (or a bare file name inside sweeps/)")
-    s.add_argument("--out", default="results",
-                   help="results root: a path or a URI such as s3://bucket/prefix (default: results)")
-    s.add_argument("--resume", metavar="RESULTS_DIR", help="continue an interrupted sweep in this experiment folder")
-    s.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no TTA/ensemble/report)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace an existing experiment folder of the same name (default: refuse)")
-    s.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
-    sweep_opts(s)
-    s.set_defaults(func=cmd_sweep)
-
-    d = sub.add_parser("demo", help="the whole pipeline on the synthetic dataset (sweeps/demo.yaml)")
-    d.add_argument("--out", default="results/demo",
-                   help="experiment folder, replaced if it exists (default: results/demo)")
-    d.add_argument("--sweep", help="sweep file (default: sweeps/demo.yaml)")
-    d.add_argument("--num-cpus", type=int)
-    d.set_defaults(func=cmd_demo)
-
-    t = sub.add_parser("train", help="one Ray Train (DDP) run of one model")
-    t.add_argument("--model", help="registry name or timm/<name> (see `fer-ray models`)")
-    t.add_argument("--config", help="YAML with optional `data:` and `train:` sections")
-    t.add_argument("--data", help="dataset path; default synthetic")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--img-size", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--workers", type=int, help="DDP workers (0 = in-process local mode)")
-    t.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP on tensor-core GPUs)")
-    t.add_argument("--num-cpus", type=int)
-    t.add_argument("--name", help="experiment name under --out (default: train_<date>_<time>)")
-    t.add_argument("--out", default="results", help="results root: a path or a URI such as s3://bucket/prefix")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing experiment of the same name")
-    t.set_defaults(func=cmd_train)
-
-    tt = sub.add_parser("tta", help="(re)fill the TTA logit store of an experiment")
-    tt.add_argument("results_dir", help="experiment folder or URI (results/<name>, s3://bucket/prefix/<name>)")
-    tt.add_argument("--views", nargs="+", help="view names (default: the sweep's tta_views)")
-    tt.set_defaults(func=cmd_tta)
-
-    e = sub.add_parser("ensemble", help="combine stored TTA logits of the best trials")
-    e.add_argument("results_dir", help="experiment folder or URI")
-    e.add_argument("--top-k", type=int, default=3)
-    e.add_argument("--combiner", default="mean_logits",
-                   help="mean_logits, mean_probs, nll_weights, greedy or stacking (fitted on the selection split)")
-    e.add_argument("--spec", help="ensembles/<name>.yaml (a bare name is looked up in the repo's ensembles/)")
-    e.add_argument("--budget-gmacs", type=float,
-                   help="without --spec: search for the most accurate ensemble (on the selection split) costing "
-                        "<= X GMACs, write RESULTS_DIR/pareto.csv; with --spec: keep the top-ranked members that fit")
-    e.add_argument("--select-split", default="val", help="the split budget search selects on (role 'select')")
-    e.set_defaults(func=cmd_ensemble)
-
-    ev_help = ("score every stored trial and ensemble on another dataset (all its images, any Usage) as a new "
-               "report-only split; no retraining, no refitting; the leaderboard gains acc_NAME etc.")
-    ev = sub.add_parser("evaluate", help=ev_help, description=ev_help)
-    ev.add_argument("results_dir", help="experiment folder or URI (results/<name>)")
-    ev.add_argument("--data", required=True, help="dataset path (csv, image folders, torchvision layout)")
-    ev.add_argument("--name", help="split name (default: ext_<file or folder stem>)")
-    ev.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    ev.set_defaults(func=cmd_evaluate)
-
-    di_help = ("distil a built ensemble into one student: teacher = the ensemble's TTA logits on the train split "
-               "(from its stored fitted numbers), loss = alpha*T^2*KL + (1-alpha)*CE, trained under Ray Train, "
-               "selected on val, scored with TTA as member distill:<student> and added to the leaderboard")
-    di = sub.add_parser("distill", help=di_help, description=di_help)
-    di.add_argument("results_dir", help="experiment folder or URI (results/<name>)")
-    di.add_argument("--ensemble", required=True, help="name of a built ensemble (ensembles/<name>.json there)")
-    di.add_argument("--student", required=True, help="registry name or timm/<name> (see `fer-ray models`)")
-    di.add_argument("--epochs", type=int, help="default: the sweep's train.epochs")
-    di.add_argument("--temperature", type=float, default=4.0, help="KD softmax temperature T (default 4)")
-    di.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term; 0 = plain CE (default 0.9)")
-    di.add_argument("--img-size", type=int, help="student input size (default: the model's)")
-    di.add_argument("--batch-size", type=int)
-    di.add_argument("--lr", type=float)
-    di.add_argument("--workers", type=int, default=0, help="DDP workers (default 0: Ray Train local mode)")
-    di.add_argument("--name", help="member name suffix (default: the student name)")
-    di.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all); ignored with RAY_ADDRESS")
-    di.set_defaults(func=cmd_distill)
-
-    r = sub.add_parser("report", help="leaderboard CSV/Markdown + HTML report with plots")
-    r.add_argument("results_dir", help="experiment folder or URI")
-    r.add_argument("--out", help="output folder or URI (default: RESULTS_DIR/report)")
-    r.set_defaults(func=cmd_report)
-
-    m = sub.add_parser("models", help="list registered models")
-    m.add_argument("pattern", nargs="?", default="*")
-    m.set_defaults(func=cmd_models)
-
-    f = sub.add_parser("flops", help="params and GMACs (fvcore) of a model")
-    f.add_argument("model")
-    f.add_argument("--img-size", type=int)
-    f.set_defaults(func=cmd_flops)
-
-    da = sub.add_parser("data", help="write the synthetic set, or load and summarise a dataset")
-    dsub = da.add_subparsers(dest="data_cmd", required=True)
-    ds = dsub.add_parser("synth", help="write a synthetic Kaggle-format fer2013.csv")
-    ds.add_argument("--out", required=True)
-    ds.add_argument("--n", type=int, default=6000)
-    ds.add_argument("--seed", type=int, default=0)
-    dl = dsub.add_parser("load", help="load a dataset and print split sizes and class counts")
-    dl.add_argument("path")
-    dl.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    dl.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
-    for name, help_ in (("check", "find exact/near duplicates, split leakage, label conflicts and blank images"),
-                        ("report", "write an EDA report (class balance, pixel stats, duplicates, samples; HTML)")):
-        dq = dsub.add_parser(name, help=help_, description=help_)
-        dq.add_argument("path", help="fer2013.csv, image-folder root or torchvision root")
-        dq.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-        dq.add_argument("--threshold", type=int, default=4,
-                        help="largest perceptual-hash distance (bits of 64) counted as a near duplicate (default 4)")
-        dq.add_argument("--cache-dir", help="parquet cache of the loaded data (default .cache/fer_ray)")
-        dq.add_argument("--out", required=name == "report",
-                        help="groups table (.parquet or .csv)" if name == "check" else "output folder")
-    da.set_defaults(func=cmd_data)
+    for name, (func, help_, args) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        if isinstance(args, dict):
+            nested = sp.add_subparsers(dest=f"{name}_cmd", required=True)
+            for sub_name, (sub_help, sub_args) in args.items():
+                _add_args(nested.add_parser(sub_name, help=sub_help, description=sub_help), sub_args)
+        else:
+            _add_args(sp, args)
     return p
 
 

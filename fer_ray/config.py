@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fer_ray.names import DEDUP_MODES, FORMATS
+from fer_ray.names import DEDUP_MODES, FORMATS, path_name_problem
 
 
 class ConfigError(ValueError):
@@ -383,6 +383,7 @@ class SweepConfig(_Config):
     ``min_gpu_memory_gb``, ``batch_size_cap``); a trial's DDP group never mixes GPU types (``fer_ray.placement``)."""
 
     def __post_init__(self) -> None:
+        _check(path_name_problem(self.name) is None, "name", str(path_name_problem(self.name)))
         self._check_placement()
         _check(self.num_samples >= 1, "num_samples", "must be >= 1")
         _check(self.mode in ("max", "min"), "mode", "must be max or min")

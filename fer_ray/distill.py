@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from fer_ray.config import SweepConfig, TrainConfig
+from fer_ray.config import ConfigError, SweepConfig, TrainConfig
 from fer_ray.data import FERData
 from fer_ray.ensemble import apply_fitted, reproduce_ensemble
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.models import check_model_names
+from fer_ray.names import path_name_problem
 from fer_ray.report import leaderboard, member_table, write_report
 from fer_ray.store import StoreError, logit_table, read_logits
 from fer_ray.tta import fill_store
@@ -124,18 +125,22 @@ def distill(exp: Experiment | str, ensemble: str, student: str, *, epochs: int |
     from fer_ray.evaluate import external_splits, load_external, score_members
     from fer_ray.train import init_ray, prepare_dataset
 
+    safe = name or student.replace("/", "_")  # checked first: it names a folder that is replaced
+    if path_name_problem(safe):
+        raise ConfigError(f"--name: {path_name_problem(safe)}")
     exp = as_experiment(exp)
     info = exp.ensemble(ensemble)
     sweep = exp.sweep()
     cfg = student_config(sweep.train, student, alpha=alpha, temperature=temperature, epochs=epochs,
                          img_size=img_size, num_workers=num_workers, batch_size=batch_size, lr=lr)
     check_model_names(sweep.replace(train=cfg, search_space={}, placement={}))
-    safe = (name or student).replace("/", "_")
+
     member, group = f"distill:{safe}", f"distill/{safe}"
     data, splits = prepare_dataset(sweep.data)
     init_ray(num_cpus=num_cpus)
     _check_teacher(exp, info, data, splits)
-    exp.delete(group)  # a fresh run, never a resume of an older one
+    exp.remove(group)  # a fresh run, never a resume of an older one (only a folder fer_ray created)
+    exp.mark_created(group)
 
     t0 = time.perf_counter()
     tr = splits["train"]

@@ -24,6 +24,7 @@ from scipy.special import log_softmax
 from fer_ray.config import ConfigError, _Config
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, softmax
+from fer_ray.names import path_name_problem
 from fer_ray.store import LogitSet, load_store, write_logits
 
 COMBINERS = ("mean_logits", "mean_probs", "nll_weights", "greedy", "stacking")
@@ -65,6 +66,8 @@ class EnsembleSpec(_Config):
     """Seed of the stacking folds."""
 
     def __post_init__(self) -> None:
+        if path_name_problem(self.name):
+            raise ConfigError(f"name: {path_name_problem(self.name)}")
         if self.combiner not in COMBINERS:
             raise ConfigError(f"combiner: must be one of {COMBINERS}, got {self.combiner!r}")
         if isinstance(self.members, dict) and set(self.members) - {"top_k", "by"}:

@@ -25,11 +25,10 @@ from fer_ray.data import CLASSES, SPLITS, FERData
 from fer_ray.ensemble import reproduce_ensemble
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics
+from fer_ray.names import path_name_problem
 from fer_ray.report import leaderboard, member_table, write_report
 from fer_ray.store import read_logits, write_logits
 from fer_ray.tta import fill_store
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def default_split_name(path: str | Path) -> str:
@@ -40,8 +39,8 @@ def default_split_name(path: str | Path) -> str:
 
 
 def _check_name(exp: Experiment, name: str, roles: dict[str, str], external: dict) -> None:
-    if not _NAME_RE.match(name):
-        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a file name)")
+    if path_name_problem(name):
+        raise ConfigError(f"--name: {path_name_problem(name)}")
     if name in SPLITS or (name in roles and name not in external):
         raise ConfigError(f"--name {name!r}: {exp.uri} already has a split of that name (role {roles.get(name)!r}); "
                           "choose another name")

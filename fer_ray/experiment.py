@@ -42,6 +42,9 @@ SWEEP, ROLES, DATA = "sweep.yaml", "split_roles.json", "data.json"
 TRIALS, DISTILLED, PARETO = "trials.parquet", "distilled.parquet", "pareto.csv"
 TUNE, TRAIN, REPORT, LOGITS, ENSEMBLES = "tune", "train", "report", "logits", "ensembles"
 HISTORY, METRICS = "history.json", "metrics.parquet"
+MARKER = ".fer_ray"
+"""Written into every folder fer_ray creates (an experiment, a student's run); fer_ray deletes or overwrites only
+folders that hold it."""
 _STORE_RE = re.compile(r"^logits/([^/]+)/([^/]+)\.parquet$")
 
 
@@ -56,6 +59,35 @@ class Experiment(Storage):
     def under(cls, out: str, name: str) -> Experiment:
         """The experiment ``name`` under the results root ``out`` (a path or URI)."""
         return cls(join_uri(normalize(out), name))
+
+    # -- ownership -------------------------------------------------------------------------------------------
+    def mark_created(self, rel: str = "") -> None:
+        """Record that fer_ray created the folder ``rel`` (the experiment itself by default)."""
+        if not self.is_file(_join(rel, MARKER)):
+            from fer_ray import __version__
+
+            self.write_json(_join(rel, MARKER), {"created_by": "fer_ray", "version": __version__})
+
+    def owns(self, rel: str = "") -> bool:
+        return self.is_file(_join(rel, MARKER))
+
+    def remove(self, rel: str = "", within: str | None = None) -> None:
+        """Delete the folder ``rel`` that fer_ray created; anything else is refused with ``ConfigError``. On a local
+        disk the folder must not be a symlink and must lie inside ``within`` (a results root) when given."""
+        where = self.uri_of(rel)
+        if not self.exists(rel):
+            return
+        if self.is_local:
+            path = Path(self.path(rel))
+            if path.is_symlink():
+                raise ConfigError(f"{where} is a symlink: fer_ray deletes only folders it created, never a link")
+            if within and not path.resolve().is_relative_to(Path(normalize(within)).resolve()):
+                raise ConfigError(f"{where} resolves to {path.resolve()}, outside the results root {within}: "
+                                  "refusing to delete it")
+        if not self.owns(rel):
+            raise ConfigError(f"{where} was not created by fer_ray (no {MARKER} marker in it): refusing to delete "
+                              "or overwrite it; choose another --name/--out or remove it yourself")
+        self.delete(rel)
 
     # -- set-up files ----------------------------------------------------------------------------------------
     def require(self, rel: str, hint: str = "") -> None:

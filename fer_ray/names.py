@@ -15,3 +15,15 @@ FORMATS = ("csv", "folders", "torchvision")
 """Dataset layouts the loaders read (``fer_ray.data.ingest``); ``auto`` detects one."""
 DEDUP_MODES = ("none", "within", "leakage", "both")
 """``DataConfig.dedup``: duplicate removal after loading (``fer_ray.data.quality.dedup``)."""
+
+PATH_NAME = r"[A-Za-z0-9._-]+"
+"""What a name that becomes a file or folder name may hold (sweep, experiment, ensemble, student, split names)."""
+
+
+def path_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be one path component (``None`` if it can): ``[A-Za-z0-9._-]+``, not ``.`` or ``..``."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(PATH_NAME, name) or name in (".", ".."):
+        return f"{name!r} cannot be a file name: use letters, digits, '.', '_' and '-' (not '.' or '..')"
+    return None

@@ -46,12 +46,13 @@ def report_stage(exp: Experiment | str, out: str | None = None) -> pd.DataFrame:
 
 
 def run_all(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num_cpus: int | None = None,
-            sweep_only: bool = False) -> pd.DataFrame | None:
-    """Sweep, then TTA, ensemble and leaderboard; prints progress and the leaderboard."""
+            sweep_only: bool = False, verbose: bool = False) -> pd.DataFrame | None:
+    """Sweep, then TTA, ensemble and leaderboard; prints progress and the leaderboard (``verbose``: Ray's trial
+    tables and worker logs too)."""
     exp = as_experiment(exp)
     t0 = time.perf_counter()
     prepared = prepare_dataset(cfg.data)  # loaded, deduplicated and split once for the sweep and the TTA stage
-    trials = run_sweep(cfg, exp, resume=resume, num_cpus=num_cpus, prepared=prepared)
+    trials = run_sweep(cfg, exp, resume=resume, num_cpus=num_cpus, prepared=prepared, verbose=verbose)
     print(f"[sweep] {len(trials)} trials in {time.perf_counter() - t0:.0f}s → {exp.uri_of('trials.parquet')}",
           flush=True)
     if sweep_only or trials.empty:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,12 +160,25 @@ class Storage:
         return self.write_text(rel, json.dumps(obj, indent=1, default=str))
 
     def delete(self, rel: str) -> None:
-        """Remove the file or folder ``rel`` if it exists."""
+        """Remove the file or folder ``rel`` if it exists. On a local disk a symlink is removed as a link, never
+        followed (``shutil.rmtree`` semantics: nothing outside the folder is touched)."""
+        if self.is_local:
+            path = Path(self.path(rel))
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+            return
         info = self.fs.get_file_info(self.path(rel))
         if info.type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(rel))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(rel))
+
+    def is_empty(self) -> bool:
+        """True when nothing is at this location (or an empty folder is)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return not infos
 
 
 def parent_and_name(location: str) -> tuple[str, str]:

@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -162,6 +163,7 @@ def _trial_dirname(trial: Trial) -> str:
 def write_setup(cfg: SweepConfig, exp: Experiment | str, data, splits) -> None:
     """The experiment's set-up files: the resolved sweep, the split roles and the data summary."""
     exp = as_experiment(exp)
+    exp.mark_created()
     exp.write_sweep(cfg)
     exp.write_roles({k: SPLIT_ROLES[k] for k in splits})
     exp.write_data_info({
@@ -171,13 +173,30 @@ def write_setup(cfg: SweepConfig, exp: Experiment | str, data, splits) -> None:
                    for k, v in splits.items()}})
 
 
+class EpochLines(tune.Callback):
+    """One line per trial epoch, printed by the driver: what a person follows by default (Ray's trial tables and
+    the workers' logs come with ``--verbose``)."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info) -> None:
+        train = trial.config.get("train", {})
+        print(f"[{trial.trial_id}] epoch {result.get('epoch')}/{train.get('epochs')} {train.get('model')}"
+              f"@{result.get('img_size')} train_loss {result.get('train_loss', float('nan')):.4f} val_loss "
+              f"{result.get('val_loss', float('nan')):.4f} val_acc {result.get('val_acc', float('nan')):.4f} "
+              f"({result.get('epoch_time_s', 0.0):.1f}s)", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
+        print(f"[{trial.trial_id}] failed: {trial.error_file or 'see the Tune log'}", flush=True)
+
+
 def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num_cpus: int | None = None,
-              verbose: int = 1, prepared: tuple | None = None, group: str = "", data_ref=None) -> pd.DataFrame:
+              verbose: bool = False, prepared: tuple | None = None, group: str = "",
+              data_ref=None) -> pd.DataFrame:
     """Run (or resume) the sweep into ``exp`` and return the per-trial summary (``trials.parquet``).
 
     ``prepared``: ``prepare_dataset(cfg.data)``'s result when the caller already holds it. ``group``: run the trials
     under this prefix of the experiment, without writing its set-up files or ``trials.parquet`` (``fer-ray
     distill``), with ``data_ref`` (an object-store reference from ``put_dataset``) as the shared dataset.
+    ``verbose``: Ray's trial tables and worker logs too (else one line per trial epoch).
     """
     from fer_ray.models import check_model_names
 
@@ -187,8 +206,10 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         data, splits = prepared or prepare_dataset(cfg.data)
         if not resume and not group:
             write_setup(cfg, exp, data, splits)
-        init_ray(num_cpus=num_cpus)
+        init_ray(num_cpus=num_cpus, verbose=verbose)
         data_ref = put_dataset(data, splits)
+    if not verbose:  # Tune's new console output prints its header and paths even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = _trainable(cfg, data_ref, exp, group)
     tune_uri = join_uri(exp.tune_storage(group), TUNE)
     if resume and tune.Tuner.can_restore(tune_uri):
@@ -201,14 +222,14 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=make_scheduler(cfg),
-                                        num_samples=cfg.num_samples, max_concurrent_trials=concurrent,
+                                        num_samples=cfg.num_samples,
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                                          max_concurrent=concurrent or 0),
                                         trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=verbose,
+            run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=int(verbose),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(**CHECKPOINT_KEEP),
-                                      callbacks=tune_callbacks(cfg.wandb, cfg.wandb_project, exp)))
+                                      callbacks=[EpochLines(), *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
     tuner.fit()
     return collect_trials(exp, cfg, group)
 

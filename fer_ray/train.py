@@ -47,20 +47,23 @@ def storage_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
 
 
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: bool = False) -> None:
     """Connect to ``RAY_ADDRESS`` when set (a cluster, ``ray job submit``), else start a local Ray on 127.0.0.1.
 
     Storage credentials in this environment (``FORWARDED_ENV``) go to every worker through the job's runtime_env.
+    ``verbose``: stream the workers' logs and Ray's INFO messages to this process (otherwise warnings and errors
+    only; progress is printed by the driver, ``fer_ray.sweep.EpochLines``).
     """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    runtime_env = {"env_vars": storage_env()} if storage_env() else None
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING,
+             "runtime_env": {"env_vars": storage_env()} if storage_env() else None}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, runtime_env=runtime_env)
+        ray.init(**quiet)
         return
     ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
+             dashboard_host="127.0.0.1", **quiet)
     # The Train placement-group cleaner and later clients look the cluster up through RAY_ADDRESS.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
@@ -103,9 +106,6 @@ class RayReport(Hook):
 
         if run.rank == 0:  # before reporting: Tune may stop the trial inside report at its last epoch
             self.exp.write_history(self.trial_id, run.history, self.group)
-            print(f"[{self.trial_id}] epoch {run.epoch}/{run.cfg.epochs} {run.cfg.model}@{run.fer_cfg['img_size']}"
-                  f" train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f}"
-                  f" val_acc {metrics['val_acc']:.4f} ({metrics['epoch_time_s']:.1f}s)", flush=True)
         with tempfile.TemporaryDirectory(prefix="fer_ray_ckpt_") as tmp:
             checkpoint = None
             if run.rank == 0:
