@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from fer_ray.config import ConfigError, SweepConfig, TrainConfig
 from fer_ray.data import FERData
+from fer_ray.data.dataset import fingerprint
 from fer_ray.ensemble import apply_fitted, reproduce_ensemble
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.models import check_model_names
@@ -137,6 +138,7 @@ def distill(exp: Experiment | str, ensemble: str, student: str, *, epochs: int |
 
     member, group = f"distill:{safe}", f"distill/{safe}"
     data, splits = prepare_dataset(sweep.data)
+    exp.check_data(fingerprint(data, splits), sweep.data.path or "the synthetic generator")
     init_ray(num_cpus=num_cpus)
     _check_teacher(exp, info, data, splits)
     exp.remove(group)  # a fresh run, never a resume of an older one (only a folder fer_ray created)

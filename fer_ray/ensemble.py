@@ -25,7 +25,7 @@ from fer_ray.config import ConfigError, _Config
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, softmax
 from fer_ray.names import path_name_problem
-from fer_ray.store import LogitSet, load_store, write_logits
+from fer_ray.store import LogitSet, StoreError, load_store, write_logits
 
 COMBINERS = ("mean_logits", "mean_probs", "nll_weights", "greedy", "stacking")
 GREEDY_METRICS = ("accuracy", "nll")
@@ -296,17 +296,39 @@ def run_ensemble(exp: Experiment | str, spec: EnsembleSpec) -> dict:
         metrics[split] = {k: v for k, v in classification_metrics(logits, sets[0].labels).items()
                           if k != "confusion"}
     out = {"name": spec.name, "spec": spec.to_dict(), "members": members, "views": list(views),
+           "member_checkpoints": {m: store[m][spec.select_split].meta.get("checkpoint_sha256") for m in members},
            "weights": fitted["weights"], "combiner": spec.combiner, "fitted": fitted, "dropped": dropped,
            "selected_on": spec.select_split, "total_gmacs": total, "metrics": metrics}
     exp.write_ensemble(out)
     return out
 
 
+def stale_reason(info: dict, store: dict[str, dict[str, LogitSet]]) -> str | None:
+    """Why an ensemble's stored fitted numbers no longer apply to the store (``None`` if they do): a member whose
+    logits are gone, miss the ensemble's views, or were re-scored from another checkpoint."""
+    for m in info["members"]:
+        sets = store.get(m, {})
+        if not sets:
+            return f"member {m} has no stored logits"
+        ls = next(iter(sets.values()))
+        missing = [v for v in info["views"] if v not in ls.views]
+        if missing:
+            return f"member {m}'s stored logits lack its views {missing}"
+        want = (info.get("member_checkpoints") or {}).get(m)
+        if want and ls.meta.get("checkpoint_sha256") != want:
+            return f"member {m} was re-scored from another checkpoint"
+    return None
+
+
 def reproduce_ensemble(exp: Experiment | str, name: str, split: str) -> np.ndarray:
-    """``[N, C]`` logits of ensemble ``name`` on ``split``, rebuilt from ``ensembles/<name>.json`` (no refit)."""
+    """``[N, C]`` logits of ensemble ``name`` on ``split``, rebuilt from ``ensembles/<name>.json`` (no refit);
+    a stale ensemble (``stale_reason``) is refused with ``StoreError``."""
     exp = as_experiment(exp)
     info = exp.ensemble(name)
     store = load_store(exp, [split])
+    reason = stale_reason(info, store)
+    if reason:
+        raise StoreError(f"ensemble {name!r} is stale ({reason}): rebuild it with `fer-ray ensemble`")
     return apply_fitted(np.stack([member_logits(store[m][split], info["views"]) for m in info["members"]]),
                         info["fitted"])
 

@@ -113,6 +113,17 @@ class Experiment(Storage):
     def select_split(self) -> str:
         return next(s for s, r in self.roles().items() if r == "select")
 
+    def check_data(self, found: dict[str, str], source: str) -> None:
+        """Stop with one line if ``found`` (``fer_ray.data.dataset.fingerprint`` of the data just read from
+        ``source``) is not the fingerprint recorded when the experiment started (experiments from before the
+        fingerprint existed are not checked)."""
+        recorded = self.data_info().get("fingerprint")
+        if recorded and recorded != found:
+            raise ConfigError(f"{self.uri}: the data read from {source} is not the data this experiment trained on "
+                              f"(fingerprint data {found['data']} splits {found['splits']}; recorded data "
+                              f"{recorded['data']} splits {recorded['splits']}): was the source moved, changed or "
+                              "split differently, or is this the wrong working folder?")
+
     def data_info(self) -> dict:
         return self.read_json(DATA) if self.is_file(DATA) else {}
 

@@ -2,10 +2,13 @@
 
 fvcore counts one multiply-add as one "flop", so its totals are MACs: every number here is GMACs (multiply by 2
 for FLOPs). ``F.scaled_dot_product_attention``, which fvcore does not know, is counted as its two matmuls.
+fvcore is optional: where it cannot be imported (a GPU machine without its wheel), ``count_gmacs`` returns NaN
+and ``FVCORE_ERROR`` says why; parameter counts and everything else still work.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from math import prod
@@ -14,10 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-with warnings.catch_warnings():  # fvcore.nn applies the deprecated torch.jit.script at import
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import get_shape
+FVCORE_ERROR: str | None = None
+"""Why fvcore could not be imported (``count_gmacs`` then returns NaN), or ``None`` when it is available."""
+try:
+    with warnings.catch_warnings():  # fvcore.nn applies the deprecated torch.jit.script at import
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import get_shape
+except ImportError as e:  # only the GMACs number is lost
+    FlopCountAnalysis = get_shape = None
+    FVCORE_ERROR = f"{type(e).__name__}: {e}"
 
 
 def count_params(model: nn.Module) -> int:
@@ -36,7 +45,7 @@ def count_gmacs(model: nn.Module, in_chans: int | None = None, img_size: int | N
     """GMACs of one forward pass of one image ``(1, C, S, S)``, counted by fvcore in eval mode.
 
     fvcore counts one multiply-add as one flop, so the result is GMACs (not GFLOPs). The model's train/eval mode
-    is restored afterwards.
+    is restored afterwards. Without fvcore (``FVCORE_ERROR``) nothing is counted and the result is NaN.
 
     Args:
         model: The model; ``model.fer_cfg`` (set by ``create_model``) gives the default channels and size.
@@ -44,8 +53,10 @@ def count_gmacs(model: nn.Module, in_chans: int | None = None, img_size: int | N
         img_size: Input height and width (default: ``fer_cfg["img_size"]``, else 48).
 
     Returns:
-        Multiply-adds of one forward pass, in billions.
+        Multiply-adds of one forward pass, in billions; NaN when fvcore is not installed.
     """
+    if FlopCountAnalysis is None:
+        return math.nan
     cfg = getattr(model, "fer_cfg", {})
     c, s = in_chans or cfg.get("in_chans", 1), img_size or cfg.get("img_size", 48)
     param = next(model.parameters(), None)
@@ -71,7 +82,7 @@ def model_profile(name: str, img_size: int | None = None, **kwargs) -> dict:
         **kwargs: Passed to ``create_model`` (e.g. ``in_chans``).
 
     Returns:
-        ``{"arch", "img_size", "in_chans", "params", "gmacs"}`` (GMACs as counted by fvcore).
+        ``{"arch", "img_size", "in_chans", "params", "gmacs"}`` (GMACs as counted by fvcore; NaN without it).
     """
     from fer_ray.models import create_model
 

@@ -32,6 +32,8 @@ class ScoreJob:
     index: dict[str, np.ndarray]
     """Split name → positions in the shared image array."""
     label: str = ""
+    views: list[str] | None = None
+    """TTA views (``score_checkpoints``'s ``views`` when ``None``)."""
 
 
 def task_resources(cfg: TrainConfig, cluster_cpus: float | None = None) -> dict[str, float]:
@@ -65,16 +67,13 @@ def _score_task(location: str, images: np.ndarray, index: dict, views: list[str]
     return score_checkpoint(location, images, index, views, device)
 
 
-def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[str],
+def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[str] = (),
                       on_ray: bool = True) -> Iterator[tuple[int, dict]]:
-    """Score every job; yields ``(job index, score_checkpoint result)`` as each finishes (Ray tasks, in parallel).
-
-    ``on_ray=False`` scores them one after another in this process instead.
-    """
-    views = list(views)
+    """Score every job with its views (or ``views``); yields ``(job index, score_checkpoint result)`` as each
+    finishes (Ray tasks, in parallel). ``on_ray=False`` scores them one after another in this process instead."""
     if not on_ray:
         for i, job in enumerate(jobs):
-            yield i, score_checkpoint(job.location, images, job.index, views)
+            yield i, score_checkpoint(job.location, images, job.index, list(job.views or views))
         return
     import ray
 
@@ -89,7 +88,7 @@ def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[
         res = task_resources(TrainConfig.from_dict(job.config, "trial config"), cluster_cpus)
         device = "cuda" if res.get("num_gpus") else "cpu"
         ref = task.options(**res, name=f"fer_ray.score {job.label}"[:120]).remote(
-            job.location, images_ref, job.index, views, device, max(1, round(res["num_cpus"])))
+            job.location, images_ref, job.index, list(job.views or views), device, max(1, round(res["num_cpus"])))
         pending[ref] = i
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

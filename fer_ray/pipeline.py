@@ -11,6 +11,7 @@ import time
 import pandas as pd
 
 from fer_ray.config import SweepConfig
+from fer_ray.data.dataset import fingerprint
 from fer_ray.ensemble import EnsembleSpec, run_ensemble
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.report import format_table, leaderboard, write_report
@@ -28,6 +29,7 @@ def tta_stage(exp: Experiment | str, views: list[str] | None = None, prepared: t
     exp = as_experiment(exp)
     cfg = exp.sweep()
     data, splits = prepared or prepare_dataset(cfg.data)
+    exp.check_data(fingerprint(data, splits), cfg.data.path or "the synthetic generator")
     return fill_store(exp, data, splits, views or list(cfg.tta_views), exp.roles())
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fer_ray.data import CLASSES
-from fer_ray.ensemble import fit_temperature, member_logits, pareto_front
+from fer_ray.ensemble import fit_temperature, member_logits, pareto_front, stale_reason
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, reliability_curve, softmax
 from fer_ray.names import SPLIT_ROLES, SPLITS
@@ -63,6 +63,11 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
         any_set = next(iter(per_split.values()))
         if member.startswith("ensemble:"):
             info = exp.ensemble(member.split(":", 1)[1])
+            reason = stale_reason(info, store)
+            if reason:
+                print(f"[report] left out stale ensemble {info['name']} ({reason}): rebuild it with "
+                      "`fer-ray ensemble`", flush=True)
+                continue
             t = trials.loc[info["members"]]
             row = {"name": info["name"], "kind": "ensemble", "members": " ".join(info["members"]),
                    "arch": "+".join(sorted(set(t.arch))), "img_size": "/".join(str(s) for s in sorted(set(t.img_size))),

@@ -35,6 +35,7 @@ from ray.tune.search import BasicVariantGenerator
 from fer_ray.checkpoint import load_checkpoint
 from fer_ray.config import SweepConfig, TrainConfig, set_path
 from fer_ray.data import CLASSES
+from fer_ray.data.dataset import fingerprint
 from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.flops import count_gmacs, count_params
 from fer_ray.loop import best_entry, build_model
@@ -168,7 +169,7 @@ def write_setup(cfg: SweepConfig, exp: Experiment | str, data, splits) -> None:
     exp.write_roles({k: SPLIT_ROLES[k] for k in splits})
     exp.write_data_info({
         "source": cfg.data.path or f"synthetic(n={cfg.data.synthetic_n}, seed={cfg.data.synthetic_seed})",
-        "classes": list(CLASSES),
+        "fingerprint": fingerprint(data, splits), "classes": list(CLASSES),
         "splits": {k: {"n": int(len(v)), "class_counts": np.bincount(data.labels[v], minlength=len(CLASSES)).tolist()}
                    for k, v in splits.items()}})
 
@@ -206,6 +207,8 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         data, splits = prepared or prepare_dataset(cfg.data)
         if not resume and not group:
             write_setup(cfg, exp, data, splits)
+        else:
+            exp.check_data(fingerprint(data, splits), cfg.data.path or "the synthetic generator")
         init_ray(num_cpus=num_cpus, verbose=verbose)
         data_ref = put_dataset(data, splits)
     if not verbose:  # Tune's new console output prints its header and paths even at verbose=0

@@ -136,20 +136,24 @@ def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequenc
     from fer_ray.store import write_logits
 
     exp = as_experiment(exp)
-    views = expand_views(views)
+    asked = expand_views(views)
     trials = exp.trials() if trials is None else trials
     scored = [s for s, r in roles.items() if r != "fit" and s in splits]
     jobs, rows, written = [], [], []
+    kept_views = _ensemble_views(exp)
     for row in trials.itertuples():
         sha = checkpoint_sha256(row.checkpoint)
+        # The store keeps the views every built ensemble of this member uses, so re-scoring with other views
+        # never leaves an ensemble unreproducible.
+        views = asked + [v for v in kept_views.get(row.trial_id, []) if v not in asked]
         need = [s for s in scored if not _is_current(exp, row.trial_id, s, sha, views)]
         written += [exp.logits_rel(row.trial_id, s) for s in scored if s not in need]
         if need:
             jobs.append(ScoreJob(row.checkpoint, json.loads(row.config), {s: splits[s] for s in need},
-                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)"))
+                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)", views))
             rows.append((row, sha))
-    for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, views, on_ray=on_ray), 1):
-        row, sha = rows[i]
+    for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, on_ray=on_ray), 1):
+        row, sha, views = *rows[i], jobs[i].views
         for split, logits in res["logits"].items():
             idx = splits[split]
             meta = {"member": row.trial_id, "arch": row.arch, "img_size": int(row.img_size),
@@ -162,6 +166,16 @@ def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequenc
             print(f"[tta] {n}/{len(jobs)} {jobs[i].label}: {len(views)} views × {', '.join(res['logits'])} "
                   f"({res['seconds']:.1f}s)", flush=True)
     return written
+
+
+def _ensemble_views(exp) -> dict[str, list[str]]:
+    """Member → the views of every built ensemble that uses it (in first-seen order)."""
+    out: dict[str, list[str]] = {}
+    for name in exp.ensemble_names():
+        info = exp.ensemble(name)
+        for m in info["members"]:
+            out.setdefault(m, []).extend(v for v in info["views"] if v not in out.get(m, []))
+    return out
 
 
 def _is_current(exp, member: str, split: str, sha: str, views: Sequence[str]) -> bool:

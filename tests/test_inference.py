@@ -63,3 +63,21 @@ def test_task_resources_follow_the_trial():
     assert task_resources(TrainConfig(use_gpu=True, num_workers=2)) == {"num_gpus": 1, "num_cpus": 1}
     assert task_resources(TrainConfig(num_workers=2, cpus_per_worker=0.9)) == {"num_cpus": pytest.approx(1.8)}
     assert task_resources(TrainConfig(num_workers=0, cpus_per_worker=4), cluster_cpus=2) == {"num_cpus": 2}
+
+
+@pytest.mark.ray
+def test_rescoring_with_other_views_keeps_the_views_ensembles_use(tmp_path, ray_session):
+    """``fer-ray tta --views identity`` after an ensemble was built on [identity, hflip]: the store keeps hflip for
+    that ensemble's members, so the ensemble still reproduces exactly."""
+    from fer_ray.ensemble import EnsembleSpec, reproduce_ensemble, run_ensemble
+
+    data = generate(120, seed=4)
+    splits = {"val": np.arange(0, 60), "public_test": np.arange(60, 120)}
+    exp = _experiment(tmp_path / "e", data)
+    fill_store(exp, data, splits, ["identity", "hflip"], ROLES, progress=False)
+    run_ensemble(exp, EnsembleSpec(name="both", members=["t0", "t1"], combiner="nll_weights"))
+    before = reproduce_ensemble(exp, "both", "public_test")
+    fill_store(exp, data, splits, ["identity", "rot10"], ROLES, progress=False)
+    stored = load_store(exp)["t0"]["val"].views
+    assert stored == ["identity", "rot10", "hflip"], stored
+    assert np.array_equal(reproduce_ensemble(exp, "both", "public_test"), before)

@@ -58,9 +58,21 @@ class FERData:
         """Plain numpy arrays, for ``ray.put`` (numpy is zero-copy in Ray's object store)."""
         return {"images": self.images, "labels": self.labels, "usage": self.usage, "ids": self.ids.astype(str)}
 
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> FERData:
-        return cls(arrays["images"], arrays["labels"], arrays["usage"], np.asarray(arrays["ids"], dtype=object))
+
+
+def fingerprint(data: FERData, splits: dict[str, np.ndarray]) -> dict[str, str]:
+    """``{"data": ..., "splits": ...}``: sha256 (16 hex digits) of the dataset's content (pixels, labels, usage)
+    and of the run's split indices. Recorded when a sweep starts; every later stage that re-reads the data checks
+    it, so a moved, edited or differently split source cannot be scored as if it were the one trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.images, data.labels.astype(np.int64), data.usage.astype(np.int8)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    s = hashlib.sha256()
+    for name in sorted(splits):
+        s.update(name.encode() + b":" + np.asarray(splits[name], dtype=np.int64).tobytes())
+    return {"data": h.hexdigest()[:16], "splits": s.hexdigest()[:16]}
 
 
 def split_indices(data: FERData, val_fraction: float = 0.1, seed: int = 0,
