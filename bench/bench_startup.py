@@ -2,7 +2,7 @@
 the same Ray instance: a plain Tune function trainable (baseline: reports once), fer_ray trials with Ray Train
 local mode (0 workers), 1 worker and 2 DDP workers. Reported: sweep wall time per trial, and fer_ray's own
 ``startup_s`` (trial driver start → first training batch, measured inside the worker) with its phases in rank 0's
-process (``fer_ray.train._startup_profile``: spawn, import, Ray Train set-up, the loop's own set-up); medians."""
+process (``fer_ray.train.StartupProfile``: spawn, import, Ray Train set-up, the loop's own set-up); medians."""
 
 from __future__ import annotations
 

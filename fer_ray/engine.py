@@ -113,27 +113,33 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     """Per-epoch LR scheduler (``step(val_acc)`` for plateau, ``step()`` otherwise), or ``None``."""
-    if cfg.scheduler == "cosine":
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "cosine":  # linear warm-up (lr·k/(w+1) in epoch k-1 of w), then cosine to 0 at the end
         warm = cfg.warmup_epochs
-
-        def factor(epoch: int) -> float:
-            if epoch < warm:
-                return (epoch + 1) / (warm + 1)
-            return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, cfg.epochs - warm)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - warm))
+        if not warm:
+            return cosine
+        linear = sched.LinearLR(optimizer, start_factor=1 / (warm + 1), end_factor=warm / (warm + 1),
+                                total_iters=max(1, warm - 1))
+        return sched.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
     if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+        return sched.StepLR(optimizer, step_size=max(1, cfg.epochs // 3), gamma=0.1)
     if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
     return None
 
 
 def class_balance(labels: torch.Tensor, num_classes: int = 7) -> torch.Tensor:
-    """Inverse-frequency weight per class, normalised to mean 1 over the samples."""
-    counts = torch.bincount(labels.cpu(), minlength=num_classes).float().clamp(min=1)
-    w = counts.sum() / (num_classes * counts)
-    return w / (w[labels.cpu()].mean())
+    """Inverse-frequency weight per class (scikit-learn's ``balanced`` weights), normalised to mean 1 over the
+    samples; a class absent from ``labels`` gets weight 1 (no sample carries it)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = labels.cpu().numpy()
+    present = np.unique(y)
+    w = np.ones(num_classes)
+    w[present] = compute_class_weight("balanced", classes=present, y=y)
+    w = torch.as_tensor(w / w[y].mean(), dtype=torch.float32)
+    return w
 
 
 class LossFn:

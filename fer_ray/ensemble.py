@@ -98,13 +98,6 @@ def member_logits(ls: LogitSet, views: list[str] | None) -> np.ndarray:
     return ls.logits[idx].mean(0)
 
 
-def combine(stack: np.ndarray, combiner: str) -> np.ndarray:
-    """``[M, N, C]`` member logits → ``[N, C]`` ensemble logits (log-probabilities for ``mean_probs``)."""
-    if combiner == "mean_probs":
-        return np.log(softmax(stack).mean(0) + 1e-12)
-    return stack.mean(0)
-
-
 def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 

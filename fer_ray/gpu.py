@@ -50,6 +50,7 @@ def accelerator_type(device: torch.device) -> str | None:
     """Ray's accelerator type name for a CUDA device (``GeForce-RTX-3090``, ``A100``), ``None`` for the CPU."""
     if device.type != "cuda":
         return None
+    # Private, but the one place Ray's own naming lives (tests/test_ray_internals.py pins it).
     from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
 
     return NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(torch.cuda.get_device_name(device))

@@ -8,13 +8,13 @@ ECE (15 equal-width bins over the top probability), multi-class Brier score and 
 from __future__ import annotations
 
 import numpy as np
+import scipy.special
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, recall_score, roc_auc_score
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = logits - logits.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
+    """``scipy.special.softmax`` over the class axis (scipy's default, ``axis=None``, would normalise everything)."""
+    return scipy.special.softmax(logits, axis=axis)
 
 
 def _calibration_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:

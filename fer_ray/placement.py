@@ -50,7 +50,7 @@ def gpus_by_type(total: dict[str, dict], free: dict[str, dict]) -> dict[str, tup
 
 def cluster_gpus() -> dict[str, tuple[float, float]]:
     """``gpus_by_type`` of the connected Ray cluster's live nodes."""
-    from ray._private import state
+    from ray._private import state  # private: ray.nodes() has no per-node availability (tests/test_ray_internals.py)
 
     return gpus_by_type(state.total_resources_per_node(), state.available_resources_per_node())
 

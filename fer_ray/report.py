@@ -113,9 +113,6 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-_pareto = pareto_front  # the one Pareto rule, shared with ``fer_ray.ensemble.budget_search``
-
-
 def _pareto_figure(exp: Experiment, plt, select: str, report: str | None):
     """Budget-search candidates and their Pareto front; front points annotated with report accuracy."""
     cand = exp.pareto()
@@ -201,7 +198,7 @@ def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[
             ax.scatter(sub.total_gmacs, sub[f"acc_{report}"], marker=marker, facecolors="none", edgecolors="grey",
                        s=60 if kind != "ensemble" else 160, label=f"{kind} ({report})")
     pts = board[["total_gmacs", f"acc_{select}"]].to_numpy(dtype=float)
-    front = pts[_pareto(pts)]
+    front = pts[pareto_front(pts)]  # the one Pareto rule, shared with ``fer_ray.ensemble.budget_search``
     ax.step(front[:, 0], front[:, 1], where="post", color="C3", lw=1, label=f"Pareto front ({select})")
     ax.set_xscale("log")
     ax.set(xlabel="total GMACs per image (log)", ylabel="accuracy", title="Accuracy vs compute")

@@ -29,7 +29,10 @@ from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
-from ray.tune.schedulers.hyperband import _Bracket  # one HyperBand bracket = synchronous successive halving
+
+# Private: Tune has no public synchronous successive halving; one HyperBand bracket is one (tests/test_ray_internals.py
+# fails if an upgrade moves what SuccessiveHalving overrides).
+from ray.tune.schedulers.hyperband import _Bracket
 from ray.tune.search import BasicVariantGenerator
 
 from fer_ray.checkpoint import load_checkpoint

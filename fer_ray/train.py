@@ -56,7 +56,6 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: 
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING,
              "runtime_env": {"env_vars": storage_env()} if storage_env() else None}
     if os.environ.get("RAY_ADDRESS"):
@@ -171,24 +170,31 @@ def train_loop_per_worker(config: dict) -> None:
     run = TrainingRun(cfg, arrays, device, rank=rank, world=world, wrap=wrap)
     in_tune_local = local and config.get("in_tune", False)
     _restore(run, in_tune_local)
-    run.static_metrics = _startup_profile(config.get("t_start", t_entry), t_entry)
-    hooks = [RayReport(config, in_tune_local), EarlyStopping(cfg.early_stopping)]
+    hooks = [StartupProfile(config.get("t_start", t_entry), t_entry), RayReport(config, in_tune_local),
+             EarlyStopping(cfg.early_stopping)]
     if config.get("fail_after_epoch"):
         hooks.insert(1, FaultInjection(config))
     run.fit(hooks)
 
 
-def _startup_profile(t_start: float, t_entry: float) -> dict[str, float]:
-    """Trial/run start → first batch (``startup_s``), split into the phases of this worker process: ``spawn``
-    (until the process began importing fer_ray: Ray starting the controller and worker processes), ``import``
-    (fer_ray.train and its dependencies), ``setup`` (until Ray Train called the loop: process group, etc.) and
-    ``loop`` (the loop's own set-up: data, model, optimizer). Imports done before ``t_start`` count as zero."""
-    import fer_ray
+class StartupProfile(Hook):
+    """Adds to every epoch's metrics how long the run took from its start to its first batch (``startup_s``),
+    split into the phases of this worker process: ``spawn`` (until the process began importing fer_ray: Ray
+    starting the controller and worker processes), ``import`` (fer_ray.train and its dependencies), ``setup``
+    (until Ray Train called the loop: process group, etc.) and ``loop`` (the loop's own set-up: data, model,
+    optimizer, restore). Imports done before ``t_start`` count as zero."""
 
-    now = time.time()
-    imp0, imp1 = max(fer_ray.IMPORTED_AT, t_start), max(_IMPORTED_AT, t_start)
-    return {"startup_s": now - t_start, "startup_spawn_s": imp0 - t_start, "startup_import_s": imp1 - imp0,
-            "startup_setup_s": t_entry - imp1, "startup_loop_s": now - t_entry}
+    def __init__(self, t_start: float, t_entry: float):
+        self.t_start, self.t_entry = t_start, t_entry
+
+    def before_train(self, run: TrainingRun) -> None:
+        import fer_ray
+
+        now = time.time()
+        imp0, imp1 = max(fer_ray.IMPORTED_AT, self.t_start), max(_IMPORTED_AT, self.t_start)
+        run.static_metrics |= {"startup_s": now - self.t_start, "startup_spawn_s": imp0 - self.t_start,
+                               "startup_import_s": imp1 - imp0, "startup_setup_s": self.t_entry - imp1,
+                               "startup_loop_s": now - self.t_entry}
 
 
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:

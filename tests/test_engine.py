@@ -1,5 +1,6 @@
 """The pure-torch engine: rank sharding, a training epoch that learns, evaluation."""
 
+import pytest
 import torch
 
 from fer_ray import engine
@@ -151,3 +152,40 @@ def test_trials_index_the_shared_dataset_in_place():
         assert torch.equal(view[torch.arange(len(view))], torch.from_numpy(images[arrays["splits"][name]]))
         assert y.tolist() == (arrays["splits"][name] % 7).tolist()
 
+
+
+@pytest.mark.parametrize("warm", [0, 1, 3])
+def test_warmup_cosine_is_torchs_and_matches_the_closed_form(warm):
+    """``build_scheduler`` now chains torch's LinearLR and CosineAnnealingLR: per-epoch learning rates equal the
+    closed form the project used before (warm-up (k+1)/(w+1), then half a cosine to 0), also across a resume."""
+    import math
+
+    cfg = TrainConfig(epochs=10, warmup_epochs=warm, lr=0.1)
+
+    def expected(epoch: int) -> float:
+        if epoch < warm:
+            return 0.1 * (epoch + 1) / (warm + 1)
+        return 0.1 * 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, cfg.epochs - warm)))
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = engine.build_scheduler(cfg, opt)
+    for epoch in range(cfg.epochs):
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected(epoch), rel=1e-9, abs=1e-15), epoch
+        opt.step()
+        sched.step()
+        if epoch == 4:  # a resumed run: fresh optimizer and scheduler, states loaded
+            opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            sched2 = engine.build_scheduler(cfg, opt2)
+            opt2.load_state_dict(opt.state_dict())
+            sched2.load_state_dict(sched.state_dict())
+            opt, sched = opt2, sched2
+
+
+def test_class_weights_are_sklearns_and_match_inverse_frequency():
+    labels = torch.tensor([0] * 20 + [3] * 4 + [6] * 8)
+    counts = torch.bincount(labels, minlength=7).float()
+    old = counts.sum() / (7 * counts.clamp(min=1))
+    old = old / old[labels].mean()
+    w = engine.class_balance(labels)
+    present = counts > 0
+    assert torch.allclose(w[present], old[present], rtol=1e-6) and w.dtype == torch.float32

@@ -119,12 +119,12 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
     model = create_model("hybrid_effnet", img_size=SMALL)
     model.freeze_backbone(True)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in model.head_parameters()}
+    assert trainable == {id(p) for p in model.head.parameters()}
     model.train()
     assert model.head.training and not model.backbone.training
     assert not any(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
     model.freeze_backbone(False)
-    assert all(p.requires_grad for p in model.backbone_parameters()) and model.backbone.training
+    assert all(p.requires_grad for p in model.backbone.parameters()) and model.backbone.training
 
 
 def test_timm_cnn_by_name_gray_48px():

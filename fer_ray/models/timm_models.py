@@ -13,15 +13,14 @@ weights are loaded); CNNs accept any size.
 
 Freeze-then-unfreeze interface: any model with a ``freeze_backbone(frozen: bool)`` method supports the two-phase
 transfer recipe (phase 1 trains the head on a frozen backbone, phase 2 fine-tunes everything). ``hybrid_effnet``
-and ``efficientnet_b0_transfer`` are ``BackboneClassifier`` models that have it, plus ``backbone_parameters()`` and
-``head_parameters()`` for per-group learning rates. A frozen backbone also keeps its BatchNorm layers in eval mode
-(running statistics frozen) whatever ``model.train()`` is called with.
+and ``efficientnet_b0_transfer`` are ``BackboneClassifier`` models (``.backbone``, ``.head``) that have it. A frozen
+backbone also keeps its BatchNorm layers in eval mode (running statistics frozen) whatever ``model.train()`` is
+called with.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -243,14 +242,6 @@ class BackboneClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the pretrained backbone."""
-        return self.backbone.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the new classifier head."""
-        return self.head.parameters()
 
     def freeze_backbone(self, frozen: bool = True) -> BackboneClassifier:
         """Stop (``True``) or resume (``False``) training the backbone: its grads and its BatchNorm statistics.

@@ -1,0 +1,42 @@
+"""fer_ray leans on a few private Ray APIs where no public one does the job; each use is listed here, with why, so
+that a Ray upgrade that moves or changes one fails this fast test instead of a sweep on a cluster.
+
+- ``SuccessiveHalving`` (``fer_ray.sweep``) is one HyperBand bracket: Tune has no public synchronous
+  successive-halving scheduler, and its ``HyperBandScheduler`` builds brackets through ``_create_bracket`` /
+  ``_Bracket`` and reads ``_s_max_1``, ``_get_n0``, ``_get_r0`` (overridden) and ``_process_bracket``.
+- ``fer_ray.placement.cluster_gpus`` reads per-node total and available resources through ``ray._private.state``
+  (the public ``ray.nodes()`` has no per-node availability).
+- ``fer_ray.gpu.accelerator_type`` names a CUDA device as Ray does (``NvidiaGPUAcceleratorManager``), so batch caps
+  keyed by Ray's accelerator type find the GPU a worker got.
+"""
+
+import inspect
+
+from ray.tune.schedulers import HyperBandScheduler
+
+
+def test_hyperband_internals_that_successive_halving_overrides():
+    from ray.tune.schedulers.hyperband import _Bracket
+
+    params = set(inspect.signature(_Bracket.__init__).parameters)
+    assert {"time_attr", "max_trials", "init_t_attr", "max_t_attr", "eta", "s", "stop_last_trials"} <= params
+    for name in ("_create_bracket", "_process_bracket", "on_trial_add", "on_trial_remove", "choose_trial_to_run"):
+        assert callable(getattr(HyperBandScheduler, name, None)), name
+    hb = HyperBandScheduler(time_attr="epoch", max_t=8, reduction_factor=2)
+    for attr in ("_s_max_1", "_get_n0", "_get_r0", "_time_attr", "_max_t_attr", "_eta", "_stop_last_trials",
+                 "_trial_info"):
+        assert hasattr(hb, attr), attr
+    bracket = _Bracket(time_attr="epoch", max_trials=4, init_t_attr=1, max_t_attr=4, eta=2, s=2,
+                       stop_last_trials=True)
+    for name in ("cur_iter_done", "finished", "trials_to_unpause"):
+        assert hasattr(bracket, name), name
+    assert "_create_bracket" in inspect.getsource(HyperBandScheduler), "brackets must still be built through it"
+
+
+def test_state_api_and_accelerator_names():
+    from ray._private import state
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    assert callable(state.total_resources_per_node) and callable(state.available_resources_per_node)
+    name = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type
+    assert name("NVIDIA A100-SXM4-80GB") == "A100" and name("NVIDIA GeForce RTX 3090") == "GeForce-RTX-3090"
