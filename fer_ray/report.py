@@ -11,15 +11,13 @@ per-class recall, and ASHA's trial curves.
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pandas as pd
 
 from fer_ray.data import CLASSES
 from fer_ray.ensemble import fit_temperature, member_logits, pareto_front, stale_reason
 from fer_ray.experiment import Experiment, as_experiment
+from fer_ray.figures import data_uri, png_bytes, pyplot
 from fer_ray.metrics import classification_metrics, reliability_curve, softmax
 from fer_ray.names import SPLIT_ROLES, SPLITS
 from fer_ray.store import load_store
@@ -108,9 +106,7 @@ def format_table(board: pd.DataFrame) -> str:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_uri(png_bytes(fig))
 
 
 def _pareto_figure(exp: Experiment, plt, select: str, report: str | None):
@@ -180,10 +176,7 @@ def _reliability_figure(exp: Experiment, board: pd.DataFrame, plt, select: str, 
 
 
 def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     select, report = next(s for s, r in roles.items() if r == "select"), _report_split(roles)
     figs = {}
@@ -204,7 +197,6 @@ def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[
     ax.set(xlabel="total GMACs per image (log)", ylabel="accuracy", title="Accuracy vs compute")
     ax.legend(fontsize=7)
     figs["Accuracy vs GMACs"] = _png(fig)
-    plt.close(fig)
 
     if report:
         best = board.iloc[0]
@@ -224,14 +216,12 @@ def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[
         a2.set(ylim=(0, 1), title=f"per-class recall ({report})")
         a2.tick_params(axis="x", rotation=45)
         figs["Best entry: confusion and recall"] = _png(fig)
-        plt.close(fig)
 
     for title, fig in (("Budget search: Pareto front", _pareto_figure(exp, plt, select, report)),
                        ("Best ensemble: reliability before/after temperature scaling",
                         _reliability_figure(exp, board, plt, select, report))):
         if fig is not None:
             figs[title] = _png(fig)
-            plt.close(fig)
 
     trials = exp.trials()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -244,7 +234,6 @@ def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[
     if ax.get_legend_handles_labels()[1]:  # every trial stopped early or no curves: nothing to name
         ax.legend(fontsize=6)
     figs["Trial curves"] = _png(fig)
-    plt.close(fig)
     return figs
 
 

@@ -7,7 +7,6 @@ blank counts come from ``fer_ray.data.quality.check``.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -17,19 +16,9 @@ import pandas as pd
 
 from fer_ray.atomic import atomic_write_bytes, atomic_write_text
 from fer_ray.data.dataset import CLASSES, USAGES, FERData
+from fer_ray.figures import data_uri, png_bytes, pyplot
 
 SAMPLES_PER_CLASS = 8
-
-
-def _fig_bytes(fig) -> bytes:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def class_table(data: FERData) -> pd.DataFrame:
@@ -54,7 +43,7 @@ def pixel_table(data: FERData) -> pd.DataFrame:
 
 
 def _class_chart(table: pd.DataFrame) -> bytes:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = table[list(CLASSES)]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
@@ -67,11 +56,11 @@ def _class_chart(table: pd.DataFrame) -> bytes:
         ax.set_xticks(x + width * (len(counts) - 1) / 2, CLASSES, rotation=30)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    return _fig_bytes(fig)
+    return png_bytes(fig)
 
 
 def _sample_grid(data: FERData, seed: int = 0) -> bytes:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rng = np.random.default_rng(seed)
     k = SAMPLES_PER_CLASS
@@ -89,12 +78,12 @@ def _sample_grid(data: FERData, seed: int = 0) -> bytes:
                 ax.axis("off")
         axes[c, 0].set_ylabel(f"{name}\n({len(members)})", fontsize=9)
     fig.suptitle("random samples per class (all splits)")
-    return _fig_bytes(fig)
+    return png_bytes(fig)
 
 
 def _duplicate_grid(data: FERData, groups: pd.DataFrame, n: int = 8) -> bytes | None:
     """First two members of up to ``n`` near-duplicate groups (leaking ones first), side by side."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     near = groups[groups.kind == "near"]
     if near.empty:
@@ -111,7 +100,7 @@ def _duplicate_grid(data: FERData, groups: pd.DataFrame, n: int = 8) -> bytes | 
             ax.set_yticks([])
             ax.set_title(f"{row.split} / {row.emotion}", fontsize=7)
     fig.suptitle("near-duplicate groups (first two members)", fontsize=9)
-    return _fig_bytes(fig)
+    return png_bytes(fig)
 
 
 def write_eda(data: FERData, out_dir: str | Path, check_df: pd.DataFrame | None = None) -> dict[str, Path]:
@@ -127,10 +116,9 @@ def write_eda(data: FERData, out_dir: str | Path, check_df: pd.DataFrame | None 
         (JSON summary), ``samples`` (PNG grid, one row per class), ``near_duplicates`` (PNG, when any) and
         ``html`` (``index.html`` embedding everything).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     from fer_ray.data import quality
+
+    pyplot()  # the Agg backend before any figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +137,7 @@ def write_eda(data: FERData, out_dir: str | Path, check_df: pd.DataFrame | None 
         atomic_write_bytes(paths[key], lambda f, b=payload: f.write(b))
 
     def img(key: str) -> str:
-        return f"<img src='data:image/png;base64,{base64.b64encode(pngs[key]).decode()}'/>" if pngs[key] else ""
+        return f"<img src='{data_uri(pngs[key])}'/>" if pngs[key] else ""
 
     qrows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in summary.items())
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>fer_ray data report</title>",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fer_ray.models._registry import register_model
-from fer_ray.models.cnn import conv_bn_relu, mlp_head
+from fer_ray.models.cnn import mlp_head, vgg_blocks
 from fer_ray.models.timm_models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -39,29 +39,6 @@ def baseline_cnn_v1(num_classes: int = 7, in_chans: int = 1, img_size: int = 48,
     return BaselineCNNv1(num_classes, in_chans, drop_rate=drop_rate, **kwargs)
 
 
-def conv_blocks(in_chans: int, blocks: Sequence[Sequence[int]], spatial_drop: Sequence[float] = ()) -> list[nn.Module]:
-    """Conv-BN-ReLU per width, 2×2 max-pool after each block, optional ``Dropout2d`` per block.
-
-    Args:
-        in_chans: Input channels.
-        blocks: Conv widths per block.
-        spatial_drop: ``Dropout2d`` rate after each block (missing or 0: none).
-
-    Returns:
-        The layers, to splice into an ``nn.Sequential``.
-    """
-    layers: list[nn.Module] = []
-    cin = in_chans
-    for i, widths in enumerate(blocks):
-        for w in widths:
-            layers += conv_bn_relu(cin, w)
-            cin = w
-        layers.append(nn.MaxPool2d(2))
-        if i < len(spatial_drop) and spatial_drop[i]:
-            layers.append(nn.Dropout2d(spatial_drop[i]))
-    return layers
-
-
 class PooledCNN(nn.Module):
     """Conv blocks → global average pool → MLP head: the shape shared by the v2 baseline and the deep CNNs."""
 
@@ -69,8 +46,8 @@ class PooledCNN(nn.Module):
                  drop_rate: float, spatial_drop: Sequence[float] = (), batch_norm_head: bool = False):
         super().__init__()
         width = blocks[-1][-1]
-        self.features = nn.Sequential(*conv_blocks(in_chans, blocks, spatial_drop), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten())
+        self.features = nn.Sequential(*vgg_blocks(in_chans, blocks, spatial_drop, spatial=True),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(*mlp_head((width, *head), num_classes, drop_rate, batch_norm_head))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

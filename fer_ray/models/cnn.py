@@ -22,26 +22,29 @@ def conv_bn_relu(cin: int, cout: int, kernel_size: int = 3) -> list[nn.Module]:
             nn.ReLU(inplace=True)]
 
 
-def vgg_blocks(in_chans: int, blocks: Sequence[Sequence[int]], block_drop: float = 0.0) -> list[nn.Module]:
+def vgg_blocks(in_chans: int, blocks: Sequence[Sequence[int]], drop: float | Sequence[float] = 0.0,
+               spatial: bool = False) -> list[nn.Module]:
     """VGG-style blocks: each block is conv-BN-ReLU per width, then 2×2 max-pool and dropout.
 
     Args:
         in_chans: Input channels.
         blocks: Conv widths per block, e.g. ``((32, 64), (128, 128))``.
-        block_drop: Dropout after each block (0 leaves it out).
+        drop: Dropout after each block: one rate for all, or one per block (missing or 0 leaves it out).
+        spatial: ``Dropout2d`` (whole channels) instead of ``Dropout``.
 
     Returns:
         The layers, to splice into an ``nn.Sequential``.
     """
+    rates = [drop] * len(blocks) if isinstance(drop, int | float) else list(drop)
     layers: list[nn.Module] = []
     cin = in_chans
-    for widths in blocks:
+    for i, widths in enumerate(blocks):
         for w in widths:
             layers += conv_bn_relu(cin, w)
             cin = w
         layers.append(nn.MaxPool2d(2))
-        if block_drop:
-            layers.append(nn.Dropout(block_drop))
+        if i < len(rates) and rates[i]:
+            layers.append((nn.Dropout2d if spatial else nn.Dropout)(rates[i]))
     return layers
 
 
