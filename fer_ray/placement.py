@@ -103,6 +103,41 @@ def trial_resources(cfg: TrainConfig, rule: PlacementRule | None, gpus: dict[str
     return resources
 
 
+def trial_demand(cfg: TrainConfig) -> tuple[float, float, float]:
+    """``(CPUs, GPUs, workers)`` one trial holds, and the largest single bundle is one worker's share."""
+    gpus = cfg.gpu_fraction if cfg.use_gpu else 0.0
+    if cfg.num_workers == 0:
+        return cfg.cpus_per_worker, gpus, 1
+    return 0.1 + cfg.num_workers * cfg.cpus_per_worker, gpus * cfg.num_workers, cfg.num_workers
+
+
+def check_feasible(configs: list[TrainConfig], autoscaled: bool) -> None:
+    """Stop with one line before any trial starts when a trial asks for more than the connected cluster has
+    (CPUs or GPUs per worker beyond the largest node, or in total): on a Ray with no autoscaler it would wait
+    forever. With an autoscaler (or a cluster that may grow) it only says so and waits."""
+    import ray
+
+    from fer_ray.config import ConfigError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    biggest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
+    for cfg in configs:
+        cpus, gpus, workers = trial_demand(cfg)
+        per_worker = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpu_fraction if cfg.use_gpu else 0.0}
+        problem = next((f"each worker asks for {per_worker[k]:g} {k} but the largest node has {biggest[k]:g}"
+                        for k in ("GPU", "CPU") if per_worker[k] > biggest[k]), None)
+        problem = problem or next((f"a trial asks for {need:g} {k} ({workers} worker(s)) but the cluster has "
+                                   f"{total[k]:g}" for k, need in (("GPU", gpus), ("CPU", cpus)) if need > total[k]),
+                                  None)
+        if problem and not autoscaled:
+            raise ConfigError(f"train ({cfg.model}): {problem}; this local Ray cannot grow, so the sweep would wait "
+                              "forever (lower num_workers/cpus_per_worker, drop use_gpu, or connect to a cluster "
+                              "with RAY_ADDRESS)")
+        if problem:
+            log.warning("%s: waiting for the autoscaler to add a node that fits (Ctrl-C to stop)", problem)
+
+
 def cap_batch_size(cfg: TrainConfig, caps: dict[str, int] | None, device: torch.device, world_size: int = 1
                    ) -> TrainConfig:
     """``cfg`` with ``batch_size`` ≤ cap × ``world_size`` for this GPU's type (``cfg.accelerator_type`` or the

@@ -35,6 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialSchedule
 from ray.tune.schedulers.hyperband import _Bracket
 from ray.tune.search import BasicVariantGenerator
 
+from fer_ray import train as train_layer
 from fer_ray.checkpoint import load_checkpoint
 from fer_ray.config import SweepConfig, TrainConfig, set_path
 from fer_ray.data import CLASSES
@@ -43,7 +44,7 @@ from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.flops import count_gmacs, count_params
 from fer_ray.loop import best_entry, build_model
 from fer_ray.names import SPLIT_ROLES
-from fer_ray.placement import cluster_gpus, place_in_cluster, trial_resources
+from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources
 from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
 from fer_ray.train import CHECKPOINT_KEEP, init_ray, make_trainer, prepare_dataset, put_dataset
@@ -66,6 +67,20 @@ def param_space(cfg: SweepConfig) -> dict:
         sampler, values = next(iter(spec.items()))
         train = set_path(train, key, _SAMPLERS[sampler](values))
     return {"train": train}
+
+
+RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "gpu_fraction")
+
+
+def trial_configs(cfg: SweepConfig) -> list[TrainConfig]:
+    """The base train config and one per candidate of every resource field the search space varies (ranges: both
+    bounds), enough to see the largest request any trial can make."""
+    out = [cfg.train]
+    for key, spec in cfg.search_space.items():
+        if key in RESOURCE_FIELDS:
+            out += [TrainConfig.from_dict(set_path(cfg.train.to_dict(), key, v), "train")
+                    for v in next(iter(spec.values()))]
+    return out
 
 
 def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failures: int,
@@ -216,6 +231,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         data_ref = put_dataset(data, splits)
     if not verbose:  # Tune's new console output prints its header and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    check_feasible(trial_configs(cfg), autoscaled=not train_layer.STARTED_LOCAL_RAY)
     trainable = _trainable(cfg, data_ref, exp, group)
     tune_uri = join_uri(exp.tune_storage(group), TUNE)
     if resume and tune.Tuner.can_restore(tune_uri):

@@ -43,6 +43,10 @@ CHECKPOINT_KEEP = {"num_to_keep": 1, "checkpoint_score_attribute": "val_acc", "c
 """Ray keeps each run's best checkpoint by ``val_acc`` (the later one on ties) and, always, its latest."""
 
 
+STARTED_LOCAL_RAY = False
+"""True once this process started its own local Ray (nothing can add nodes to it)."""
+
+
 def storage_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
 
@@ -63,6 +67,8 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: 
         return
     ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
              dashboard_host="127.0.0.1", **quiet)
+    global STARTED_LOCAL_RAY
+    STARTED_LOCAL_RAY = True  # no autoscaler: fer_ray.placement.check_feasible fails fast
     # The Train placement-group cleaner and later clients look the cluster up through RAY_ADDRESS.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 

@@ -230,3 +230,29 @@ def test_fractional_gpu_trials_share_one_gpu(two_type_cluster):
     runs = ray.get([trial.options(**opts).remote(3.0) for _ in range(4)])
     assert max(start for start, _, _ in runs) < min(end for _, end, _ in runs), "all four ran at the same time"
     assert len({tuple(ids) for _, _, ids in runs}) == 1, "on the same GPU"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("train,msg", [
+    ({"use_gpu": True, "num_workers": 1}, r"each worker asks for 1 GPU but the largest node has 0"),
+    ({"num_workers": 0, "cpus_per_worker": 3}, r"each worker asks for 3 CPU but the largest node has 2"),
+    ({"num_workers": 3, "cpus_per_worker": 0.9}, r"a trial asks for 2.8 CPU \(3 worker\(s\)\) but the cluster has 2"),
+])
+def test_a_request_this_local_ray_can_never_meet_stops_at_once(ray_session, tmp_path, train, msg):
+    """On the local 2-CPU Ray fer_ray started (no autoscaler), an impossible trial stops with one line before any
+    data is shared or trial started, instead of waiting forever for a node."""
+    from fer_ray.sweep import run_sweep
+
+    cfg = SweepConfig.from_dict({"name": "big", "data": {"synthetic_n": 100, "cache_dir": str(tmp_path / "c")},
+                                 "train": {"model": "basic_cnn", "epochs": 1, **train}, "asha": {"max_t": 1}}, "s")
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=msg + r".*this local Ray cannot grow"):
+        run_sweep(cfg, tmp_path / "big")
+    assert time.time() - t0 < 30 and not (tmp_path / "big" / "tune").exists()
+
+
+def test_search_space_resource_candidates_are_checked():
+    from fer_ray.sweep import trial_configs
+
+    cfg = SweepConfig.from_dict({"search_space": {"num_workers": {"grid": [0, 4]}, "lr": {"choice": [0.1]}}}, "s")
+    assert sorted(c.num_workers for c in trial_configs(cfg)) == [0, 2, 4]
