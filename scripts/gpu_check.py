@@ -1,0 +1,794 @@
+#!/usr/bin/env python3
+"""The GPU proof of issue 14: one Ray-free process that shows fer_ray's GPU paths work, and how fast.
+
+This script owns ``make gpu-check``. It runs fer_ray's own engine (``fer_ray.engine``, ``models``, ``data``,
+``tta``, ``flops``, ``gpu``) without Ray and writes ``gpu_check_<date>.json`` and ``.md`` into ``--out``. Sections,
+in this order, each written to both files as it progresses (a run cut short keeps what it finished), each wrapped
+so that an exception is recorded (with its traceback tail) and the next section still runs:
+
+a. ``environment``: GPU, compute capability, memory, torch/CUDA, arch list, ``gpu.preflight``'s verdict, the AMP
+   dtype ``engine.autocast_dtype`` picks, package versions;
+b. ``correctness``: 30 steps of ``engine.train_one_epoch`` on a fixed batch for a seed CNN, a ResNet and a timm
+   model in fp32, bf16 autocast and fp16 + GradScaler (finite, decreasing loss); a world-size-1
+   ``torch.distributed`` group (nccl; gloo on the CPU) around ``DistributedDataParallel``; ``tta.tta_logits`` of a
+   trained model on the device against the CPU (fp32, TF32 off, within 1e-3);
+c. ``throughput``: training and TTA-inference images/s of every registered model at its resolution, fp32 and AMP,
+   channels-last, with GMACs and achieved TFLOP/s against the bf16 matmul peak measured in the same run;
+d. ``accuracy``: the recipe of ``--recipe`` (``sweeps/fer2013_gpu.yaml``) trained on FER-2013 Training for a wall
+   budget, the best-val weights TTA-scored on PublicTest (plus a snapshot ensemble of the best epochs);
+e. ``packing``: aggregate training images/s of 1, 2 and 4 concurrent processes training basic_cnn on the one
+   device, and the GPU fraction per trial it recommends.
+
+``--device cpu --smoke`` runs every section on synthetic data in about a minute (``tests/test_gpu_check.py``).
+The repository root is put on ``sys.path``, so fer_ray need not be installed (the GPU machine has no Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT / "scripts"), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fer_ray import engine, flops  # noqa: E402
+from fer_ray.config import AugmentConfig, TrainConfig  # noqa: E402
+from fer_ray.data import FERData, split_indices, synthetic  # noqa: E402
+from fer_ray.data.augment import Augment, Preprocess  # noqa: E402
+from fer_ray.models import create_model, list_models, model_cfg  # noqa: E402
+
+SECTIONS = ("environment", "correctness", "throughput", "accuracy", "packing")
+CORRECTNESS_MODELS = ("basic_cnn", "resnet_fer", "timm/resnet18")
+PRECISIONS = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
+TTA_VIEWS = ("identity", "hflip", "shift2,0")
+
+
+@dataclass
+class Plan:
+    """Sizes of every section; ``smoke()`` shrinks them to a CPU minute on synthetic data."""
+
+    steps: int = 30
+    batch: int = 64
+    loss_window: int = 5
+    ddp_steps: int = 5
+    tta_images: int = 256
+    models: list[str] = field(default_factory=list)
+    tp_batch: int = 256
+    tp_batch_large: int = 128
+    tp_infer_batch: int = 1024
+    tp_target_s: float = 0.6
+    mm_n: int = 8192
+    correctness_img_size: dict = field(default_factory=dict)
+    """Model → input size for the correctness runs (default: the model's own)."""
+    acc_model: str | None = None
+    synthetic_n: int = 2000
+    packing_ks: tuple[int, ...] = (1, 2, 4)
+    packing_s: float = 8.0
+    packing_batch: int = 64
+
+    @classmethod
+    def smoke(cls) -> Plan:
+        return cls(steps=12, batch=8, loss_window=3, ddp_steps=2, tta_images=16, models=["basic_cnn", "resnet_fer"],
+                   tp_batch=16, tp_batch_large=8, tp_infer_batch=32, tp_target_s=0.15, mm_n=256,
+                   correctness_img_size={"resnet_fer": 16, "timm/resnet18": 16}, acc_model="basic_cnn",
+                   synthetic_n=600, packing_s=1.0, packing_batch=16)
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    device: torch.device
+    plan: Plan
+    emit: Callable
+    deadline: float
+    trained: dict = field(default_factory=dict)
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def log(section: str, msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] [{section}] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """An AMP dtype as reported: ``torch.bfloat16``/``torch.float16``, or ``off (fp32)`` for no autocast."""
+    return str(dtype) if dtype else "off (fp32)"
+
+
+def jsonable(x):
+    """Report values as strict JSON: NaN/inf → null, dtypes and devices → str, tuples → lists."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float | np.floating):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, bool | int | str) or x is None:
+        return x
+    return str(x)
+
+
+# ----------------------------------------------------------------------------------------------------- the report
+
+
+class Report:
+    """The JSON + Markdown pair, rewritten atomically after every update so a killed run leaves a valid report."""
+
+    def __init__(self, out: Path, meta: dict):
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"gpu_check_{datetime.date.today().isoformat()}"
+        self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
+        self.doc = {"meta": meta, "sections": {}}
+
+    def update(self, name: str, **values) -> None:
+        self.doc["sections"].setdefault(name, {"status": "running"}).update(jsonable(values))
+        self.write()
+
+    def run(self, name: str, fn, ctx: Context) -> None:
+        log(name, "start")
+        self.update(name, status="running")
+        t0 = time.perf_counter()
+        ctx.emit = lambda **kv: self.update(name, **kv)
+        try:
+            result = fn(ctx) or {}
+            self.update(name, status="ok", **result)
+        except Exception as e:  # noqa: BLE001 - record it and go on with the next section
+            self.update(name, status="error", error=f"{type(e).__name__}: {e}",
+                        traceback=traceback.format_exc()[-4000:])
+            log(name, f"ERROR {type(e).__name__}: {e}")
+        self.update(name, elapsed_s=time.perf_counter() - t0)
+        log(name, f"{self.doc['sections'][name]['status']} in {time.perf_counter() - t0:.1f} s")
+
+    def write(self) -> None:
+        self.doc["meta"]["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
+        self.doc["meta"]["ray_imported"] = "ray" in sys.modules
+        _atomic_write(self.json_path, json.dumps(self.doc, indent=1, allow_nan=False) + "\n")
+        _atomic_write(self.md_path, render_markdown(self.doc))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list | dict):
+        return json.dumps(v)
+    return "" if v is None else str(v)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "traceback"]  # tracebacks: JSON only
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_markdown(doc: dict) -> str:
+    meta = doc["meta"]
+    lines = [f"# fer_ray GPU check, {meta['date']}: {meta['device_name']}", "",
+             f"`{meta['command']}` (updated {meta['updated']}; Ray imported: {meta['ray_imported']})", ""]
+    for name, sec in doc["sections"].items():
+        lines += [f"## {'abcde'[SECTIONS.index(name)]}. {name}: {sec.get('status')} ({_cell(sec.get('elapsed_s'))} s)",
+                  ""]
+        for key, value in sec.items():
+            if key in ("status", "elapsed_s", "traceback"):
+                continue
+            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                lines += [f"**{key}**", "", *_table(value)]
+            else:
+                lines.append(f"- {key}: {_cell(value)}")
+        if "traceback" in sec:
+            lines += ["", "```", sec["traceback"].rstrip(), "```"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+
+def build(name: str, device: torch.device, img_size: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """A registered model (timm ones with ``pretrained=False``), channels-last on ``device``, as the trainer has it."""
+    torch.manual_seed(seed)
+    kwargs = {"pretrained": False} if name.startswith("timm/") else {}
+    model = create_model(name, num_classes=7, img_size=img_size, **kwargs)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+class Trainer:
+    """The trainer's per-run pieces around one model: preprocess, augment, optimizer, AMP dtype, scaler, loss."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, labels: torch.Tensor, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        module = model.module if hasattr(model, "module") else model
+        self.preprocess = Preprocess.for_model(module.fer_cfg).to(device)
+        self.augment = Augment(cfg.augment).to(device)
+        self.optimizer = engine.build_optimizer(cfg, model.parameters())
+        self.amp_dtype = engine.autocast_dtype(cfg, device)
+        self.scaler = engine.grad_scaler(device, self.amp_dtype)
+        self.loss_fn = engine.LossFn(cfg, labels)
+
+    def epoch(self, images, labels, epoch: int) -> dict:
+        return engine.train_one_epoch(self.model, images, labels, self.optimizer, self.preprocess, self.augment,
+                                      self.cfg, epoch, scaler=self.scaler, loss_fn=self.loss_fn)
+
+
+def synthetic_tensors(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    d = synthetic.generate(n, seed=seed)
+    return torch.from_numpy(d.images).to(device), torch.from_numpy(d.labels).to(device)
+
+
+def load_data(args: argparse.Namespace, plan: Plan) -> tuple[FERData, str]:
+    """The synthetic set with ``--smoke``, else the ``--data`` pack (``scripts/pack_fer2013.py``'s format)."""
+    if args.smoke:
+        return synthetic.generate(plan.synthetic_n, seed=0), f"synthetic ({plan.synthetic_n} images)"
+    if not args.data:
+        raise ValueError("--data PATH (a pack written by scripts/pack_fer2013.py) is needed without --smoke")
+    from pack_fer2013 import read_pack
+
+    return read_pack(args.data), str(args.data)
+
+
+# --------------------------------------------------------------------------------------------- a. environment
+
+
+def section_environment(ctx: Context) -> dict:
+    from importlib import metadata
+
+    from fer_ray.gpu import preflight
+
+    dev = ctx.device
+    out = {"device": str(dev), "python": sys.version.split()[0], "platform": platform.platform(),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "cpu_count": os.cpu_count()}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        out |= {"gpu": props.name, "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))),
+                "memory_gib": props.total_memory / 2**30, "multiprocessors": props.multi_processor_count,
+                "arch_list": torch.cuda.get_arch_list(), "driver_cuda_ok": torch.cuda.is_available()}
+    try:
+        preflight(dev)
+        out["preflight"] = "ok"
+    except Exception as e:  # noqa: BLE001 - the verdict is the result
+        out["preflight"] = f"{type(e).__name__}: {e}"
+    out["amp_dtype_auto"] = amp_name(engine.autocast_dtype(TrainConfig(), dev))
+    out["amp_dtype"] = {amp: amp_name(engine.autocast_dtype(TrainConfig(amp=amp), dev)) for amp in ("bf16", "fp16")}
+    out["grad_scaler_for_fp16"] = type(engine.grad_scaler(dev, torch.float16)).__name__
+    versions = {}
+    for pkg in ("timm", "kornia", "kornia_rs", "fvcore", "iopath", "numpy", "torchvision", "pyyaml", "ray"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "absent"
+    out |= {"packages": versions, "fvcore_error": flops.FVCORE_ERROR}
+    log("environment", f"{out.get('gpu', 'cpu')} preflight={out['preflight']} amp(auto)={out['amp_dtype_auto']}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- b. correctness
+
+
+def train_fixed_batch(ctx: Context, name: str, precision: str) -> dict:
+    """``plan.steps`` single-step epochs of ``engine.train_one_epoch`` on one fixed batch (it must overfit); the
+    fp32 model is kept in ``ctx.trained`` for the TTA comparison."""
+    plan, dev = ctx.plan, ctx.device
+    images, labels = synthetic_tensors(plan.batch, dev, seed=1)
+    model = build(name, dev, plan.correctness_img_size.get(name))
+    cfg = TrainConfig(model=name, amp=PRECISIONS[precision], batch_size=plan.batch, optimizer="adam", lr=1e-3,
+                      scheduler="none", augment=AugmentConfig(strength=0.0, hflip=0.5), num_workers=0)
+    tr = Trainer(model, cfg, labels, dev)
+    out_dtypes: set[str] = set()
+    hook = model.register_forward_hook(lambda m, i, o: out_dtypes.add(str(o.dtype)))
+    t0, losses = time.perf_counter(), []
+    try:
+        for step in range(plan.steps):
+            losses.append(tr.epoch(images, labels, step)["train_loss"])
+    finally:
+        hook.remove()
+    w = plan.loss_window
+    first, last = float(np.mean(losses[:w])), float(np.mean(losses[-w:]))
+    ok = bool(np.all(np.isfinite(losses)) and last < first)
+    row = {"model": name, "img_size": model.fer_cfg["img_size"], "precision": precision,
+           "amp_dtype": amp_name(tr.amp_dtype), "logits_dtype": ",".join(sorted(out_dtypes)),
+           "scaler": type(tr.scaler).__name__ if tr.scaler else None,
+           "scale": tr.scaler.get_scale() if tr.scaler else None, "steps": len(losses),
+           f"loss_first{w}": first, f"loss_last{w}": last, "finite": bool(np.all(np.isfinite(losses))),
+           "decreasing": last < first, "pass": ok, "s": time.perf_counter() - t0}
+    log("correctness", f"{name} {precision}: loss {first:.3f} -> {last:.3f} ({'ok' if ok else 'FAIL'})")
+    if precision == "fp32":
+        ctx.trained[name] = model
+    return row
+
+
+def ddp_check(ctx: Context) -> dict:
+    """A world-size-1 process group (nccl on CUDA, gloo on the CPU) around DDP, stepping the trainer's AMP rule."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev, plan = ctx.device, ctx.plan
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, rank=0, world_size=1, timeout=datetime.timedelta(seconds=120))
+    try:
+        t = torch.full((4,), 3.0, device=dev)
+        dist.all_reduce(t)
+        images, labels = synthetic_tensors(plan.batch, dev, seed=2)
+        module = build("basic_cnn", dev)
+        model = DistributedDataParallel(module, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+        cfg = TrainConfig(model="basic_cnn", batch_size=plan.batch, num_workers=1, scheduler="none")
+        before = [p.detach().clone() for p in module.parameters()]
+        tr = Trainer(model, cfg, labels, dev)
+        losses = [engine.train_one_epoch(model, images, labels, tr.optimizer, tr.preprocess, tr.augment, cfg, e,
+                                         rank=0, world_size=1, scaler=tr.scaler, loss_fn=tr.loss_fn)["train_loss"]
+                  for e in range(plan.ddp_steps)]
+        changed = any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    finally:
+        dist.destroy_process_group()
+    ok = bool(t.sum().item() == 12.0 and changed and np.all(np.isfinite(losses)))
+    log("correctness", f"DDP {backend} world 1: losses {[round(x, 3) for x in losses]} ({'ok' if ok else 'FAIL'})")
+    return {"backend": backend, "all_reduce_ok": t.sum().item() == 12.0, "amp_dtype": amp_name(tr.amp_dtype),
+            "losses": losses, "params_changed": changed, "pass": ok}
+
+
+def tta_device_vs_cpu(ctx: Context, model: torch.nn.Module) -> dict:
+    """``tta_logits`` of one trained model (through a saved state dict) on the device and on the CPU, fp32."""
+    from fer_ray import tta
+
+    dev = ctx.device
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    cpu_model = build(model.fer_cfg["arch"], torch.device("cpu"), model.fer_cfg["img_size"])
+    cpu_model.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
+    images, _ = synthetic_tensors(ctx.plan.tta_images, torch.device("cpu"), seed=3)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        on_dev = tta.tta_logits(model, images.to(dev), list(TTA_VIEWS)).cpu()
+        on_cpu = tta.tta_logits(cpu_model, images, list(TTA_VIEWS))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    diff = (on_dev - on_cpu).abs().max().item()
+    agree = (on_dev.mean(0).argmax(1) == on_cpu.mean(0).argmax(1)).float().mean().item()
+    log("correctness", f"TTA {model.fer_cfg['arch']} {dev.type} vs cpu: max |diff| {diff:.2e}")
+    return {"model": model.fer_cfg["arch"], "views": list(TTA_VIEWS), "images": len(images),
+            "max_abs_diff": diff, "argmax_agreement": agree, "tolerance": 1e-3, "pass": diff <= 1e-3}
+
+
+def attempt(what: str, fn, *args) -> dict:
+    """``fn(*args)``, or ``{"pass": False, "error": ...}`` when it raises: one failed check does not end the section."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded in the report
+        log("correctness", f"{what}: ERROR {type(e).__name__}: {e}")
+        return {"pass": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+
+
+def section_correctness(ctx: Context) -> dict:
+    rows, skipped = [], []
+    for name in CORRECTNESS_MODELS:
+        if ctx.trained and ctx.left() <= 0:
+            skipped.append(name)
+            continue
+        for precision in PRECISIONS:
+            rows.append({"model": name, "precision": precision}
+                        | attempt(f"{name} {precision}", train_fixed_batch, ctx, name, precision))
+            ctx.emit(training=rows, skipped_for_budget=skipped)
+    ddp = attempt("DDP", ddp_check, ctx)
+    ctx.emit(ddp=ddp)
+    trained = ctx.trained.get("resnet_fer") or next(iter(ctx.trained.values()), None)
+    tta_cmp = attempt("TTA device vs cpu", tta_device_vs_cpu, ctx, trained)
+    failed = [f"{r['model']}/{r['precision']}" for r in rows if not r["pass"]]
+    failed += [name for name, check in (("ddp", ddp), ("tta_device_vs_cpu", tta_cmp)) if not check["pass"]]
+    return {"training": rows, "skipped_for_budget": skipped, "ddp": ddp, "tta_device_vs_cpu": tta_cmp,
+            "failed_checks": failed}
+
+
+# ---------------------------------------------------------------------------------------------- c. throughput
+
+
+def matmul_peak_tflops(device: torch.device, n: int, repeat: int = 10) -> float:
+    """bf16 ``torch.mm`` of two ``n``×``n`` matrices: 3 warm-ups, then the mean of ``repeat`` timed products."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            torch.mm(a, b)
+        seconds = time.perf_counter() - t0
+    return 2 * n**3 * repeat / seconds / 1e12
+
+
+def time_training(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, target_s: float) -> dict:
+    """Warm up, probe the step time, then time enough ``train_one_epoch`` passes over ``images`` to fill
+    ``target_s`` (each pass ends in ``.item()``, so the device is synchronised)."""
+    b = tr.cfg.batch_size
+    tr.epoch(images[:2 * b], labels[:2 * b], 0)  # warm-up: kernels, cuDNN algorithm choice, allocator
+    probe = tr.epoch(images[:3 * b], labels[:3 * b], 1)
+    steps = max(3, int(target_s / max(probe["train_time_s"] / 3, 1e-6)))
+    per_pass = min(steps, len(images) // b)
+    seen, seconds, epoch = 0, 0.0, 2
+    while seen < steps * b:
+        stats = tr.epoch(images[:per_pass * b], labels[:per_pass * b], epoch)
+        seen, seconds, epoch = seen + stats["images"], seconds + stats["train_time_s"], epoch + 1
+    return {"train_img_s": seen / seconds, "train_steps": seen // b}
+
+
+def time_inference(model: torch.nn.Module, images: torch.Tensor, amp_dtype, batch: int, target_s: float) -> dict:
+    """TTA images/s of ``tta_logits`` (``TTA_VIEWS``: one forward pass per image and view) under ``amp_dtype``."""
+    from fer_ray import tta
+
+    dev, views = images.device, list(TTA_VIEWS)
+    fast = tta.inference_model(model)
+    per = max(1, batch // len(views))
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        with engine.autocast(dev, amp_dtype):
+            for lo in range(0, n, len(images)):
+                tta.tta_logits(fast, images[:min(n - lo, len(images))], views, batch_size=batch)
+        sync(dev)
+        return time.perf_counter() - t0
+
+    run(per)
+    probe = run(2 * per) / (2 * per)
+    n = max(per, int(target_s / max(probe, 1e-7)))
+    seconds = run(n)
+    return {"infer_img_s": n / seconds, "infer_fwd_s": n * len(views) / seconds, "infer_batch": per * len(views)}
+
+
+def measure_model(ctx: Context, name: str, amp_cfg: str, peak: float) -> list[dict]:
+    plan, dev = ctx.plan, ctx.device
+    size = model_cfg(name).img_size
+    batch = plan.tp_batch if size <= 96 else plan.tp_batch_large
+    model = build(name, dev)
+    gmacs = flops.count_gmacs(model)
+    n = (64 if dev.type == "cuda" else 8) * batch
+    images = torch.randint(0, 256, (n, 48, 48), dtype=torch.uint8, device=dev)
+    labels = torch.randint(0, 7, (n,), device=dev)
+    rows = []
+    for precision, amp in (("fp32", "off"), ("amp", amp_cfg)):
+        cfg = TrainConfig(model=name, amp=amp, batch_size=batch, optimizer="sgd", lr=0.01, num_workers=0,
+                          augment=AugmentConfig(hflip=0.5, rotate=10.0, translate=0.2, scale=0.2, erasing=0.5))
+        tr = Trainer(model, cfg, labels, dev)
+        row = {"model": name, "img_size": size, "precision": precision, "amp_dtype": amp_name(tr.amp_dtype),
+               "batch": batch, "gmacs": gmacs}
+        row |= time_training(tr, images, labels, plan.tp_target_s)
+        row |= time_inference(model, images, tr.amp_dtype, plan.tp_infer_batch, plan.tp_target_s)
+        row["train_tflops"] = 2 * gmacs * 3 * row["train_img_s"] / 1e3
+        row["infer_tflops"] = 2 * gmacs * row["infer_fwd_s"] / 1e3
+        row["train_frac_peak"], row["infer_frac_peak"] = row["train_tflops"] / peak, row["infer_tflops"] / peak
+        rows.append(row)
+        log("throughput", f"{name}@{size} {precision}: train {row['train_img_s']:.0f} img/s, "
+                          f"TTA {row['infer_img_s']:.0f} img/s ({row['train_tflops']:.3g} TFLOP/s train)")
+    del model, images
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def section_throughput(ctx: Context) -> dict:
+    plan, dev = ctx.plan, ctx.device
+    peak = matmul_peak_tflops(dev, plan.mm_n)
+    log("throughput", f"bf16 mm {plan.mm_n}^3: {peak:.1f} TFLOP/s")
+    rule = engine.autocast_dtype(TrainConfig(), dev)
+    amp_cfg = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(rule, "bf16")
+    note = "the rule's dtype" if rule else "rule gives fp32 here; bf16 forced to exercise autocast"
+    ctx.emit(mm_peak_bf16_tflops=peak, mm_n=plan.mm_n, amp=amp_cfg, amp_note=note, tta_views=list(TTA_VIEWS))
+    names = plan.models or sorted(list_models(), key=lambda m: (model_cfg(m).img_size, m))
+    rows, skipped = [], []
+    for name in names:
+        if ctx.left() <= 0:
+            skipped.append(name)
+            continue
+        try:
+            rows += measure_model(ctx, name, amp_cfg, peak)
+        except Exception as e:  # noqa: BLE001 - one model's failure is a row, not the end of the table
+            rows.append({"model": name, "error": f"{type(e).__name__}: {e}"})
+            log("throughput", f"{name}: ERROR {type(e).__name__}: {e}")
+        ctx.emit(table=rows, skipped_for_budget=skipped)
+    return {"table": rows, "skipped_for_budget": skipped, "channels_last": True,
+            "errors": [r["model"] for r in rows if "error" in r]}
+
+
+# ------------------------------------------------------------------------------------------------ d. accuracy
+
+
+def recipe_config(ctx: Context, sweep) -> TrainConfig:
+    """The recipe's ``train`` config run in-process (no DDP workers), with the smoke model if asked."""
+    cfg = sweep.train.replace(num_workers=0)
+    model = ctx.args.acc_model or ctx.plan.acc_model
+    if model:
+        cfg = cfg.replace(model=model)
+    return cfg
+
+
+def plan_epochs(ctx: Context, cfg: TrainConfig, x, y, n_train: int, n_val: int, budget: float) -> tuple[int, float]:
+    """Epochs that fit ``budget``: time up to 50 steps of a throwaway copy of the model (after 5 warm-up steps)
+    and extrapolate to an epoch plus its evaluation (forward only, counted as a third of a training step)."""
+    tr = Trainer(build(cfg.model, ctx.device, cfg.img_size, seed=cfg.seed), cfg, y, ctx.device)
+    b = cfg.batch_size
+    tr.epoch(x[:5 * b], y[:5 * b], 0)
+    probe_steps = min(50, max(1, n_train // b))
+    probe = tr.epoch(x[:probe_steps * b], y[:probe_steps * b], 1)
+    per_image = probe["train_time_s"] / max(probe["images"], 1)
+    epoch_s = per_image * (n_train + n_val / 3)
+    return max(1, int(budget / epoch_s)), epoch_s
+
+
+def train_recipe(ctx: Context, cfg: TrainConfig, base, splits: dict, labels, budget: float) -> dict:
+    """Epochs with ``engine.train_one_epoch`` / ``engine.evaluate``; the 3 best-val states are kept in memory."""
+    dev = ctx.device
+    tr_idx, va_idx = (torch.from_numpy(splits[s]).to(dev) for s in ("train", "val"))
+    x, y = engine.IndexedImages(base, tr_idx), labels[tr_idx]
+    vx, vy = engine.IndexedImages(base, va_idx), labels[va_idx]
+    epochs, est = plan_epochs(ctx, cfg, x, y, len(tr_idx), len(va_idx), budget * 0.9)
+    cfg = cfg.replace(epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs // 10))
+    tr = Trainer(build(cfg.model, dev, cfg.img_size, seed=cfg.seed), cfg, y, dev)
+    sched = engine.build_scheduler(cfg, tr.optimizer)
+    history, best, t0 = [], [], time.perf_counter()
+    for epoch in range(epochs):
+        stats = tr.epoch(x, y, epoch) | engine.evaluate(tr.model, vx, vy, tr.preprocess, cfg)
+        if sched is not None:
+            sched.step(stats["val_acc"]) if cfg.scheduler == "plateau" else sched.step()
+        history.append({"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": stats["val_acc"],
+                        "val_loss": stats["val_loss"], "wall_s": time.perf_counter() - t0})
+        state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+        best = sorted([*best, (stats["val_acc"], epoch + 1, state)], key=lambda b: (-b[0], -b[1]))[:3]
+        log("accuracy", f"{cfg.model} epoch {epoch + 1}/{epochs}: val_acc {stats['val_acc']:.4f} "
+                        f"({time.perf_counter() - t0:.0f} s)")
+        ctx.emit(epochs=history)
+        elapsed = time.perf_counter() - t0
+        if elapsed * (epoch + 2) / (epoch + 1) > budget:  # the next epoch would end past the budget
+            break
+    train_s = time.perf_counter() - t0
+    return {"cfg": cfg, "model": tr.model, "history": history, "best": best, "train_s": train_s,
+            "planned_epochs": epochs, "estimated_epoch_s": est}
+
+
+def score_public(ctx: Context, run: dict, images: torch.Tensor, labels: torch.Tensor, views: list[str]) -> dict:
+    """TTA accuracy on PublicTest of the best-val weights, and of the snapshot ensemble of the best epochs."""
+    from fer_ray import tta
+
+    model, cfg = run["model"], run["cfg"]
+    amp = engine.autocast_dtype(cfg, ctx.device)
+    member_logits = []
+    for _, _, state in run["best"]:
+        model.load_state_dict(state)
+        with engine.autocast(ctx.device, amp):
+            member_logits.append(tta.tta_logits(model, images, views, batch_size=1024).float())
+    top = member_logits[0]
+    acc = lambda logits: (logits.argmax(1) == labels).float().mean().item()  # noqa: E731
+    return {"public_test_acc_single_view": acc(top[0]), "public_test_acc_tta": acc(top.mean(0)),
+            "snapshot_ensemble_epochs": [b[1] for b in run["best"]],
+            "public_test_acc_snapshot_ensemble": acc(torch.stack([m.mean(0) for m in member_logits]).mean(0)),
+            "tta_views": views, "best_epoch": run["best"][0][1], "best_val_acc": run["best"][0][0]}
+
+
+def section_accuracy(ctx: Context) -> dict:
+    from fer_ray.config import load_sweep
+
+    args, dev = ctx.args, ctx.device
+    sweep = load_sweep(ROOT / args.recipe)
+    t0 = time.perf_counter()
+    data, source = load_data(args, ctx.plan)
+    load_s = time.perf_counter() - t0
+    dedup_info = {"mode": sweep.data.dedup}
+    if sweep.data.dedup != "none":
+        from fer_ray.data.quality import dedup
+
+        data, info = dedup(data, sweep.data.dedup, threshold=sweep.data.near_dup_threshold)
+        dedup_info |= {"before": info["before"], "after": info["after"]}
+    splits = split_indices(data, sweep.data.val_fraction, sweep.data.split_seed)
+    cfg = recipe_config(ctx, sweep)
+    ctx.emit(data=source, load_s=load_s, dedup=dedup_info, recipe=args.recipe, budget_s=args.budget_s,
+             split_sizes={k: len(v) for k, v in splits.items()}, config=cfg.to_dict())
+    base = torch.from_numpy(data.images).to(dev)
+    labels = torch.from_numpy(data.labels.astype(np.int64)).to(dev)
+    run = train_recipe(ctx, cfg, base, splits, labels, args.budget_s)
+    pub = torch.from_numpy(splits["public_test"]).to(dev)
+    scores = score_public(ctx, run, base[pub], labels[pub], [str(v) for v in sweep.tta_views])
+    log("accuracy", f"PublicTest {scores['public_test_acc_tta']:.4f} (TTA), "
+                    f"{scores['public_test_acc_snapshot_ensemble']:.4f} (snapshot ensemble)")
+    n_ep = len(run["history"])
+    return {"epochs": run["history"], "epochs_run": n_ep, "planned_epochs": run["planned_epochs"],
+            "estimated_epoch_s": run["estimated_epoch_s"], "train_s": run["train_s"],
+            "epochs_per_s": n_ep / run["train_s"], "model": run["cfg"].model,
+            "amp_dtype": amp_name(engine.autocast_dtype(run["cfg"], dev)),
+            "stopped_by_budget": n_ep < run["planned_epochs"],
+            "img_s_incl_eval": n_ep * len(splits["train"]) / run["train_s"], **scores}
+
+
+# ------------------------------------------------------------------------------------------------- e. packing
+
+
+def packing_worker(spec: dict) -> None:
+    """Worker ``rank`` of the packing rounds: warm up, signal ready; then in each round ``k`` with ``rank < k``, wait
+    for that round's go file, train basic_cnn for ``seconds`` and write its images/s. One start-up for all rounds."""
+    dev, rank = torch.device(spec["device"]), spec["rank"]
+    if dev.type == "cpu":  # all workers run at once: oversubscribed intra-op threads would stall each other
+        torch.set_num_threads(max(1, spec["cpus"] // max(spec["rounds"])))
+    images = torch.randint(0, 256, (spec["batch"] * 8, 48, 48), dtype=torch.uint8, device=dev)
+    labels = torch.arange(len(images), device=dev) % 7
+    cfg = TrainConfig(model="basic_cnn", batch_size=spec["batch"], optimizer="sgd", lr=0.01, num_workers=0,
+                      augment=AugmentConfig(hflip=0.5, rotate=10.0, translate=0.2, scale=0.2, erasing=0.5))
+    tr = Trainer(build("basic_cnn", dev), cfg, labels, dev)
+    tr.epoch(images, labels, 0)
+    tmp = Path(spec["dir"])
+    (tmp / f"ready_{rank}").touch()
+    epoch = 1
+    for k in spec["rounds"]:
+        if rank >= k:
+            continue
+        give_up = time.monotonic() + spec["wait_s"]
+        while not (tmp / f"go_{k}").exists():
+            if time.monotonic() > give_up:
+                raise SystemExit(f"packing worker {rank}: no go signal for round {k}")
+            time.sleep(0.005)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < spec["seconds"]:
+            n += tr.epoch(images, labels, epoch)["images"]
+            epoch += 1
+        seconds = time.perf_counter() - t0
+        (tmp / f"result_{k}_{rank}.json").write_text(json.dumps({"images": n, "seconds": seconds}))
+
+
+def _wait_for(paths: list[Path], procs: list[subprocess.Popen], timeout: float, what: str, tmp: Path) -> None:
+    give_up = time.perf_counter() + timeout
+    while not all(p.exists() for p in paths):
+        if any(p.poll() not in (None, 0) for p in procs) or time.perf_counter() > give_up:
+            errors = " | ".join(e.read_text()[-600:] for e in sorted(tmp.glob("err_*")) if e.read_text().strip())
+            raise RuntimeError(f"packing workers failed ({what}): {errors or 'timed out'}")
+        time.sleep(0.01)
+
+
+def packing_rounds(ctx: Context, tmp: Path) -> tuple[list[dict], float, float]:
+    """Start max(k) worker processes once; release k of them together per round; sum their images/s."""
+    plan, ks = ctx.plan, sorted(ctx.plan.packing_ks)
+    seconds = max(0.5, min(plan.packing_s, (ctx.left() - 20) / len(ks)))  # ~20 s of the budget for start-up
+    spec = {"device": str(ctx.device), "batch": plan.packing_batch, "seconds": seconds, "rounds": ks,
+            "dir": str(tmp), "cpus": os.cpu_count() or 1, "wait_s": 600}
+    procs, t0 = [], time.perf_counter()
+    for rank in range(ks[-1]):
+        with open(tmp / f"err_{rank}", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--packing-worker", json.dumps(spec | {
+                "rank": rank})], stdout=subprocess.DEVNULL, stderr=err))
+    rows = []
+    try:
+        _wait_for([tmp / f"ready_{r}" for r in range(ks[-1])], procs, 300, "start", tmp)
+        startup_s = time.perf_counter() - t0
+        log("packing", f"{ks[-1]} worker processes warm after {startup_s:.1f} s")
+        for k in ks:
+            (tmp / f"go_{k}").touch()
+            results = [tmp / f"result_{k}_{r}.json" for r in range(k)]
+            _wait_for(results, procs, seconds + 120, f"round {k}", tmp)
+            per = [(d := json.loads(p.read_text()))["images"] / d["seconds"] for p in results]
+            rows.append({"processes": k, "aggregate_img_s": sum(per), "per_process_img_s": per,
+                         "gain_vs_1": sum(per) / (rows[0]["aggregate_img_s"] if rows else sum(per))})
+            log("packing", f"{k} concurrent: {sum(per):.0f} img/s in all ({', '.join(f'{v:.0f}' for v in per)})")
+            ctx.emit(table=rows, workers_startup_s=startup_s, seconds_per_round=seconds)
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return rows, startup_s, seconds
+
+
+def section_packing(ctx: Context) -> dict:
+    plan = ctx.plan
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the earlier sections' cached blocks back before the workers start
+    with tempfile.TemporaryDirectory(prefix="gpu_check_pack") as tmp:
+        rows, startup_s, seconds = packing_rounds(ctx, Path(tmp))
+    good = [r for r in rows if r["gain_vs_1"] >= 1.3]
+    best = max(good, key=lambda r: r["gain_vs_1"]) if good else rows[0]
+    return {"table": rows, "model": "basic_cnn", "img_size": 48, "batch": plan.packing_batch,
+            "seconds_per_round": seconds, "workers_startup_s": startup_s,
+            "rule": "1/k for the k with the best aggregate gain >= 1.3x, else 1",
+            "recommended_gpus_per_trial": 1.0 / best["processes"]}
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="fer_ray GPU check (issue 14): one process, JSON + Markdown report")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", help="FER-2013 pack from scripts/pack_fer2013.py (.gpu/fer2013.npz)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "gpu"), help="report folder")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on synthetic data (CI: --device cpu --smoke)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in the fixed order")
+    p.add_argument("--recipe", default="sweeps/fer2013_gpu.yaml", help="sweep file whose train config is trained")
+    p.add_argument("--acc-model", help="train this registered model with the recipe (default: the recipe's)")
+    p.add_argument("--correctness-s", type=float, default=None, help="budget (default 60; smoke 40)")
+    p.add_argument("--throughput-s", type=float, default=None, help="budget (default 90; smoke 10)")
+    p.add_argument("--budget-s", type=float, default=None, help="accuracy training budget (default 240; smoke 5)")
+    p.add_argument("--packing-s", type=float, default=None, help="budget (default 60; smoke 30)")
+    p.add_argument("--packing-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    defaults = (40, 10, 5, 30) if args.smoke else (60, 90, 240, 60)
+    for name, value in zip(("correctness_s", "throughput_s", "budget_s", "packing_s"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.packing_worker:
+        packing_worker(json.loads(args.packing_worker))
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    plan = Plan.smoke() if args.smoke else Plan()
+    if args.smoke and device.type == "cpu":
+        torch.set_num_threads(1)  # intra-op threads stall when the box is shared (CI): one thread times predictably
+    budgets = {"environment": 60, "correctness": args.correctness_s, "throughput": args.throughput_s,
+               "accuracy": args.budget_s, "packing": args.packing_s}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    report = Report(Path(args.out), {"date": datetime.date.today().isoformat(), "device_name": device_name,
+                                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                                     "smoke": args.smoke, "budgets_s": budgets})
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    ctx = Context(args, device, plan, emit=lambda **kv: None, deadline=0.0)
+    for name in SECTIONS:
+        if name in wanted:
+            ctx.deadline = time.perf_counter() + budgets[name]
+            report.run(name, globals()[f"section_{name}"], ctx)
+    failed = [n for n, s in report.doc["sections"].items() if s["status"] != "ok"]
+    print(f"report: {report.json_path} and {report.md_path}; sections failed: {failed or 'none'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
