@@ -77,10 +77,11 @@ def prepare_dataset(data_cfg: DataConfig) -> tuple[FERData, dict[str, np.ndarray
     """Load (or draw) the dataset once and carve the run splits."""
     data = load_data(data_cfg)
     groups = None
-    if data_cfg.group_duplicates:
-        from fer_ray.data.quality import exact_groups
+    if data_cfg.group_duplicates != "none":
+        from fer_ray.data import quality
 
-        groups = exact_groups(data)
+        groups = (quality.near_groups(data, data_cfg.near_dup_threshold) if data_cfg.group_duplicates == "near"
+                  else quality.exact_groups(data))
     return data, split_indices(data, data_cfg.val_fraction, data_cfg.split_seed, groups=groups)
 
 

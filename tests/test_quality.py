@@ -153,20 +153,26 @@ def test_cli_check_and_report(tmp_path, capsys):
 
 
 def test_training_split_groups_duplicates_by_default(tmp_path):
-    """prepare_dataset carves val by exact-duplicate groups unless group_duplicates is off."""
+    """prepare_dataset carves val by near-duplicate groups by default: pixel-identical and 1-px-shifted copies never
+    straddle train/val; ``exact`` keeps only identical copies together, ``none``/``false`` neither."""
+    from fer_ray.data.quality import shifted
     from fer_ray.train import prepare_dataset
 
     data = generate(400, seed=4)
     train = np.flatnonzero(data.usage == 0)
     for a, b in zip(train[:40], train[40:80], strict=True):  # 40 pixel-identical Training pairs
         data.images[b] = data.images[a]
+    for a, b in zip(train[80:120], train[120:160], strict=True):  # 40 near copies (shifted by one pixel)
+        data.images[b] = shifted(data.images[a:a + 1], 1, 0)[0]
     csv = write_csv(tmp_path / "fer2013.csv", data)
+    assert DataConfig().group_duplicates == "near" and DataConfig().dedup == "leakage"
 
-    def straddling(group: bool) -> int:
+    def straddling(group, lo: int) -> int:
         _, splits = prepare_dataset(DataConfig(path=str(csv), cache_dir=str(tmp_path / "c"), val_fraction=0.5,
                                                group_duplicates=group))
         val = set(splits["val"].tolist())
-        return sum((a in val) != (b in val) for a, b in zip(train[:40], train[40:80], strict=True))
+        return sum((a in val) != (b in val) for a, b in zip(train[lo:lo + 40], train[lo + 40:lo + 80], strict=True))
 
-    assert straddling(True) == 0
-    assert straddling(False) > 0  # at val_fraction 0.5, ungrouped pairs straddle about half the time
+    assert straddling("near", 0) == 0 and straddling("near", 80) == 0
+    assert straddling(True, 0) == 0 and straddling("exact", 80) > 0  # exact grouping misses the shifted copies
+    assert straddling(False, 0) > 0  # at val_fraction 0.5, ungrouped pairs straddle about half the time

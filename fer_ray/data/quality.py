@@ -296,6 +296,18 @@ def exact_groups(data: FERData) -> np.ndarray:
     return np.unique(pixel_hashes(data.images), return_inverse=True)[1].astype(np.int64)
 
 
+def near_groups(data: FERData, threshold: int = DEFAULT_THRESHOLD, max_shift: int = DEFAULT_MAX_SHIFT) -> np.ndarray:
+    """int64 ``[N]`` group id per image joining exact copies and near duplicates (perceptual-hash distance <=
+    ``threshold``, 1-px shifts included; near-blank images join only their exact copies), for ``split_indices``."""
+    exact = exact_groups(data)
+    keep = np.flatnonzero(image_std(data.images) >= DEFAULT_BLANK_STD)
+    images = data.images[keep]
+    near = keep[near_pairs(perceptual_hashes(images), threshold, shift_hashes(images, max_shift))]
+    first = np.unique(exact, return_index=True)[1]  # each image to its exact group's first image
+    pairs = np.concatenate([near.reshape(-1, 2), np.stack([np.arange(len(exact)), first[exact]], 1)])
+    return _components(len(exact), pairs).astype(np.int64)
+
+
 def dedup(data: FERData, mode: str, threshold: int = DEFAULT_THRESHOLD, blank_std: float = DEFAULT_BLANK_STD,
           max_shift: int = DEFAULT_MAX_SHIFT) -> tuple[FERData, dict]:
     """Drop duplicate images.
