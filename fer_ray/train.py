@@ -25,7 +25,7 @@ import torch
 
 from fer_ray.checkpoint import load_ray_checkpoint, write_checkpoint
 from fer_ray.config import DataConfig, TrainConfig
-from fer_ray.data import FERData, load_data, split_indices
+from fer_ray.data import DataError, FERData, load_data, split_indices
 from fer_ray.experiment import Experiment
 from fer_ray.gpu import preflight
 from fer_ray.loop import EarlyStopping, Hook, TrainingRun, build_model  # noqa: F401  (build_model re-exported)
@@ -75,14 +75,21 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: 
 
 def prepare_dataset(data_cfg: DataConfig) -> tuple[FERData, dict[str, np.ndarray]]:
     """Load (or draw) the dataset once and carve the run splits."""
+    from fer_ray.data.ingest import require_splits
+
     data = load_data(data_cfg)
+    require_splits(data, path=data_cfg.path)  # a split the run trains or selects on with zero rows: one line
     groups = None
     if data_cfg.group_duplicates != "none":
         from fer_ray.data import quality
 
         groups = (quality.near_groups(data, data_cfg.near_dup_threshold) if data_cfg.group_duplicates == "near"
                   else quality.exact_groups(data))
-    return data, split_indices(data, data_cfg.val_fraction, data_cfg.split_seed, groups=groups)
+    splits = split_indices(data, data_cfg.val_fraction, data_cfg.split_seed, groups=groups)
+    if "val" not in splits:
+        raise DataError(f"{data_cfg.path or 'synthetic data'}: no validation images could be carved from Training "
+                        f"(val_fraction {data_cfg.val_fraction}; every class needs >= 2 Training images)")
+    return data, splits
 
 
 def put_dataset(data: FERData, splits: dict[str, np.ndarray],

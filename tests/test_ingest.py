@@ -16,6 +16,7 @@ from PIL import Image
 
 from fer_ray.data import ingest
 from fer_ray.data.dataset import CLASSES, USAGES, DataError
+from fer_ray.data.ingest import csv as ingest_csv
 from fer_ray.data.ingest import detect_format, load_dataset, load_dataset_with_report, require_splits
 
 HEADER = "emotion,pixels,Usage"
@@ -333,7 +334,7 @@ def test_cache_hit_skips_parsing_and_rebuilds_on_change(tmp_path: Path, monkeypa
         raise AssertionError("parsed again")
 
     with monkeypatch.context() as m:
-        m.setattr(ingest, "_parse_csv", boom)
+        m.setattr(ingest_csv, "parse_csv", boom)
         second, rep2 = load_dataset_with_report(path, cache_dir=cache)
     assert rep2.cache_hit
     for name in ("images", "labels", "usage", "ids"):
@@ -411,3 +412,47 @@ def test_require_splits(tmp_path: Path) -> None:
         require_splits(data, ["Training", "PrivateTest"], path)
     with pytest.raises(DataError, match=r"zero rows for split private_test \(usage PrivateTest\)"):
         require_splits(data, ["private_test"], path)
+    with pytest.raises(DataError, match=re.escape(f"unknown split 'test' required for {path}; use one of")):
+        require_splits(data, ["test"], path)
+
+
+def test_require_splits_run_defaults(tmp_path: Path) -> None:
+    """The default ``needed`` is the splits every run fits and selects on; ``path`` is optional."""
+    assert ingest.RUN_SPLITS == ("train", "val")
+    images, labels, usage = make_rows(10)
+    data = load_dataset(write_csv(tmp_path / "x.csv", csv_lines(images, labels, usage)))
+    require_splits(data)
+    no_training = data.subset(np.flatnonzero(data.usage != 0))
+    with pytest.raises(DataError, match=r"^zero rows for split train \(usage Training\); the data has Training 0, "):
+        require_splits(no_training)
+    with pytest.raises(DataError, match=r"zero rows for split train \(usage Training\) in data/x; "):
+        require_splits(no_training, path="data/x")
+
+
+def test_ingest_functions_stay_short() -> None:
+    """Issue 15: the ingest package is split by format with no function over 60 lines."""
+    import ast
+
+    root = Path(ingest.__file__).parent
+    long = []
+    for file in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{file.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
+
+
+def test_the_run_path_refuses_a_dataset_without_training_rows(tmp_path):
+    """``prepare_dataset`` (what every sweep, tta and distill goes through) stops with one line naming the file
+    when the data has no Training rows, instead of a KeyError inside a Ray worker."""
+    from fer_ray.config import DataConfig
+    from fer_ray.data.synthetic import generate, write_csv
+    from fer_ray.train import prepare_dataset
+
+    data = generate(140, seed=2)
+    only_test = data.subset(np.flatnonzero(data.usage != 0))
+    csv = write_csv(tmp_path / "test_only.csv", only_test)
+    with pytest.raises(DataError, match=r"zero rows for split train \(usage Training\) in .*test_only.csv"):
+        prepare_dataset(DataConfig(path=str(csv), cache_dir=str(tmp_path / "c")))
