@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     hooks = [StartupProfile(config.get("t_start", t_entry), t_entry), RayReport(config, in_tune_local),
              EarlyStopping(cfg.early_stopping)]
     if config.get("fail_after_epoch"):
-        hooks.insert(1, FaultInjection(config))
+        hooks.insert(2, FaultInjection(config))  # right after the epoch is checkpointed and reported
     run.fit(hooks)
 
 

@@ -22,6 +22,22 @@ def ray_session():
     os.environ.pop("RAY_ADDRESS", None)
 
 
+@pytest.fixture
+def no_session_ray():
+    """Pause the session's Ray while a test's subprocesses start their own: with two Ray instances on one host,
+    Ray Train's placement-group cleaner cannot tell which is its own (README, "One local Ray per host")."""
+    import ray
+
+    from fer_ray import train
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    yield
+    if was_running:
+        train.init_ray(num_cpus=2)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, fake credentials in the environment; yields

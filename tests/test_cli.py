@@ -32,8 +32,11 @@ def test_bad_sweep_file_is_one_line_exit_2(tmp_path, capsys):
 
 def test_sweep_refuses_to_mix_with_an_existing_experiment(tmp_path, capsys):
     """A second sweep of the same name would add its trials to the first one's leaderboard: refused, one line."""
+    from fer_ray.experiment import Experiment
+
     old = tmp_path / "smoke" / "trials" / "abc_00000"
     old.mkdir(parents=True)
+    Experiment(tmp_path / "smoke").mark_created()  # a sweep fer_ray ran before
     assert main(["sweep", "smoke.yaml", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err and str(tmp_path) in err

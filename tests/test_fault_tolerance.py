@@ -45,7 +45,7 @@ def _sweep_cmd(*args):
     return [sys.executable, "-m", "fer_ray.cli", "sweep", *args, "--sweep-only", "--num-cpus", "2"]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, no_session_ray):
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"""
 name: resume
@@ -67,12 +67,17 @@ asha: {{max_t: 6, grace_period: 6}}
         done = epochs_done()
         return 6 in done and any(1 <= d <= 3 for d in done)
 
-    deadline = time.time() + 240
-    while time.time() < deadline and not interrupted_mid_trial():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    assert interrupted_mid_trial(), epochs_done()
-    proc.wait(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not interrupted_mid_trial():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert interrupted_mid_trial(), epochs_done()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a second Ray instance behind for the tests that follow
+            proc.kill()
+            proc.wait()
     store = Experiment(exp)
 
     def checkpoint_mtimes(trial_id: str) -> dict:

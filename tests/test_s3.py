@@ -78,7 +78,7 @@ def _bucket_files(uri: str) -> list[str]:
 
 
 @pytest.mark.ray
-def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path):
+def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path, no_session_ray):
     work = tmp_path / "work"  # the subprocesses' working folder: it must get no checkpoint
     work.mkdir()
     cfg = tmp_path / "s3exp.yaml"
@@ -96,11 +96,16 @@ def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path):
 
     proc = subprocess.Popen(_cli("sweep", str(cfg), "--out", s3_server, "--num-cpus", "2"), cwd=work, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (5 in epochs_done().values() and len(epochs_done()) == 2):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)  # the in-process trial finished, the DDP trial has started
-    proc.wait(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (5 in epochs_done().values() and len(epochs_done()) == 2):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # the in-process trial finished, the DDP trial has started
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a second Ray instance behind for the tests that follow
+            proc.kill()
+            proc.wait()
     done = epochs_done()
     finished = [t for t, n in done.items() if n == 5]
     assert finished and len(done) == 2, done
