@@ -128,10 +128,14 @@ def load_ray_checkpoint(checkpoint) -> dict:
     return _load(folder, name, verify=True)
 
 
-def model_from_checkpoint(ckpt: dict | str | Path) -> nn.Module:
-    """Rebuild the model by name from a checkpoint (dict or location) and load its weights; eval mode."""
+def model_from_checkpoint(ckpt: dict | str | Path, weights: str = "raw") -> nn.Module:
+    """Rebuild the model by name from a checkpoint (dict or location) and load its weights, ``raw`` or the ``ema``
+    average saved beside them (``fer_ray.loop.EMA``); eval mode."""
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
+    key = {"raw": "state_dict", "ema": "ema_state_dict"}[weights]
+    if not ckpt.get(key):
+        raise CheckpointError(f"checkpoint of {ckpt['arch']} (epoch {ckpt['epoch']}) holds no {weights} weights")
     model = create_model(ckpt["arch"], **ckpt["model_args"])
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(ckpt[key])
     return model.eval()

@@ -189,6 +189,20 @@ class AugmentConfig(_Config):
         _check(self.scale * self.strength < 1, "scale", "scale × strength must stay below 1")
 
 
+@dataclass
+class EmaConfig(_Config):
+    """An exponential moving average of the weights (``fer_ray.loop.EMA``: timm's ``ModelEmaV3``), updated after
+    every optimizer step, evaluated on val each epoch beside the raw weights and checkpointed with them."""
+
+    decay: float = 0.0
+    """Weight of the running average per step (0.999 ≈ the last ~1,000 steps); 0 turns EMA off."""
+    warmup: bool = False
+    """timm's EMA warm-up: the decay ramps up over the first steps (useful for short runs)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.decay < 1, "decay", f"must be in [0, 1), got {self.decay}")
+
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "plateau")
 
@@ -221,6 +235,8 @@ class TrainConfig(_Config):
     """``auto`` (bf16 on sm_80+, fp16 + GradScaler on sm_70/75, fp32 below and on the CPU: ``engine.amp_rule``),
     ``off``, or ``fp16``/``bf16`` forced on any device (the CPU included)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """EMA weights (``ema: {decay: 0.999}``); off by default."""
     mixup: float = 0.0
     """Mixup alpha (timm ``Mixup``); 0 turns it off."""
     cutmix: float = 0.0
@@ -282,6 +298,8 @@ class TrainConfig(_Config):
                f"must be a Ray accelerator type name like A100 or GeForce-RTX-3090, got {self.accelerator_type!r}")
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment, "augment")
+        if isinstance(self.ema, dict):
+            self.ema = EmaConfig.from_dict(self.ema, "ema")
 
 
 def _is_type_name(name: object) -> bool:

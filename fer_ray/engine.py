@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -195,10 +195,12 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> bool:
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                     preprocess: nn.Module, augment: nn.Module, cfg: TrainConfig, epoch: int, *, rank: int = 0,
                     world_size: int = 1, scaler: torch.amp.GradScaler | None = None,
-                    loss_fn: LossFn | None = None, teacher: torch.Tensor | None = None) -> dict[str, float]:
+                    loss_fn: LossFn | None = None, teacher: torch.Tensor | None = None,
+                    on_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over this rank's shard; returns ``train_loss``, ``train_acc``, ``images``, ``train_time_s``.
 
     ``teacher``: optional ``[N, C]`` teacher logits aligned with ``images``, for ``LossFn``'s distillation term.
+    ``on_step``: called after every optimizer step (``fer_ray.loop.Hook.after_step``: EMA weights).
     """
     model.train()
     seed_epoch(cfg.seed, epoch, rank)
@@ -232,6 +234,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             scaler.update()
         else:
             optimizer.step()
+        if on_step is not None:
+            on_step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)

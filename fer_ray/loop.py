@@ -1,5 +1,6 @@
 """The training loop without Ray: ``TrainingRun`` (set-up, one epoch at a time, its whole state to and from a
-checkpoint payload) and ``Hook`` (before training, after each epoch, after training: detectron2's ``HookBase``).
+checkpoint payload) and ``Hook`` (before training, after every optimizer step, after each epoch, after training:
+detectron2's ``HookBase``), with the hooks that need no Ray: ``EarlyStopping`` and ``EMA`` (averaged weights).
 
 ``fer_ray.train`` runs it under Ray Train with hooks that checkpoint and report, stop early and inject faults (for
 the tests); ``scripts/gpu_check.py`` and the benchmarks run it bare. The state after ``epoch`` epochs (weights,
@@ -29,6 +30,9 @@ class Hook:
     def before_train(self, run: TrainingRun) -> None:
         pass
 
+    def after_step(self, run: TrainingRun) -> None:
+        pass
+
     def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
         pass
 
@@ -45,6 +49,35 @@ class EarlyStopping(Hook):
     def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
         if self.patience and run.epoch - metrics["best_epoch"] >= self.patience:
             run.stop = True
+
+
+class EMA(Hook):
+    """EMA weights (timm's ``ModelEmaV3``), updated after every optimizer step, evaluated on val each epoch
+    (``val_acc_ema``/``val_loss_ema`` in the metrics and history) and saved in the checkpoint
+    (``ema_state_dict``); a resumed run continues from the saved average. Runs on every DDP rank (the ranks hold
+    identical weights, and evaluation is a collective)."""
+
+    def __init__(self, decay: float, warmup: bool = False):
+        self.decay, self.warmup, self.ema = decay, warmup, None
+
+    def before_train(self, run: TrainingRun) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(run.module, decay=self.decay, use_warmup=self.warmup)
+        saved = (run.restored or {}).get("ema_state_dict")
+        if saved:
+            self.ema.module.load_state_dict(saved)
+
+    def after_step(self, run: TrainingRun) -> None:
+        self.ema.update(run.module)
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        m = engine.evaluate(self.ema.module, run.val_x, run.val_y, run.preprocess, run.cfg, rank=run.rank,
+                            world_size=run.world)
+        ema = {"val_acc_ema": m["val_acc"], "val_loss_ema": m["val_loss"]}
+        metrics |= ema
+        run.history[-1] |= ema
+        run.extra_state["ema_state_dict"] = {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
 
 
 def best_entry(history: list[dict]) -> dict:
@@ -103,6 +136,11 @@ class TrainingRun:
         self.teacher = None if teacher is None else torch.from_numpy(np.array(teacher, dtype=np.float32)).to(device)
         self.run_config = dict(cfg.to_dict(), img_size=self.fer_cfg["img_size"], in_chans=self.fer_cfg["in_chans"])
         self.epoch, self.history, self.stop, self.static_metrics = 0, [], False, {}
+        self.hooks: list[Hook] = []
+        self.extra_state: dict = {}
+        """What hooks add to the checkpoint payload (``EMA``: ``ema_state_dict``)."""
+        self.restored: dict | None = None
+        """The payload this run continued from (``load_state_dict``), for hooks to restore their own state."""
         self._set_phase(frozen=cfg.freeze_epochs > 0)
 
     def _set_phase(self, frozen: bool) -> None:
@@ -121,9 +159,12 @@ class TrainingRun:
         cfg, t0 = self.cfg, time.perf_counter()
         if self.frozen and self.epoch >= cfg.freeze_epochs:  # phase 2: unfreeze, re-wrap DDP, new optimizer
             self._set_phase(frozen=False)
+        stepped = [h for h in self.hooks if type(h).after_step is not Hook.after_step]
+        on_step = (lambda: [h.after_step(self) for h in stepped]) if stepped else None
         metrics = engine.train_one_epoch(self.model, self.train_x, self.train_y, self.optimizer, self.preprocess,
                                          self.augment, cfg, self.epoch, rank=self.rank, world_size=self.world,
-                                         scaler=self.scaler, loss_fn=self.loss_fn, teacher=self.teacher)
+                                         scaler=self.scaler, loss_fn=self.loss_fn, teacher=self.teacher,
+                                         on_step=on_step)
         metrics |= engine.evaluate(self.model, self.val_x, self.val_y, self.preprocess, cfg, rank=self.rank,
                                    world_size=self.world)
         self.epoch += 1
@@ -138,6 +179,7 @@ class TrainingRun:
 
     def fit(self, hooks: list[Hook] = ()) -> list[dict]:
         """Train up to ``cfg.epochs`` (from wherever the run stands), calling ``hooks``; returns the history."""
+        self.hooks = list(hooks)
         for hook in hooks:
             hook.before_train(self)
         while self.epoch < self.cfg.epochs and not self.stop:
@@ -152,11 +194,12 @@ class TrainingRun:
         """The self-describing checkpoint payload of the run as it stands (``fer_ray.checkpoint``)."""
         return make_payload(self.module, self.epoch, self.run_config, {"history": self.history, **self.history[-1]},
                             self.optimizer.state_dict(), self.scheduler.state_dict() if self.scheduler else None,
-                            self.scaler.state_dict() if self.scaler else None, frozen=self.frozen)
+                            self.scaler.state_dict() if self.scaler else None, frozen=self.frozen, **self.extra_state)
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a payload of ``state_dict``: weights, optimizer, scheduler, GradScaler, history, phase."""
         self.module.load_state_dict(ckpt["state_dict"])
+        self.restored = ckpt
         self.epoch, self.history = int(ckpt["epoch"]), list(ckpt["metrics"].get("history", []))
         # The optimizer state belongs to the phase that trained the checkpoint's last epoch; the next
         # ``train_epoch`` switches phase (with a fresh optimizer) exactly where the uninterrupted run did.

@@ -28,7 +28,7 @@ from fer_ray.config import DataConfig, TrainConfig
 from fer_ray.data import DataError, FERData, load_data, split_indices
 from fer_ray.experiment import Experiment
 from fer_ray.gpu import preflight
-from fer_ray.loop import EarlyStopping, Hook, TrainingRun, build_model  # noqa: F401  (build_model re-exported)
+from fer_ray.loop import EMA, EarlyStopping, Hook, TrainingRun, build_model  # noqa: F401  (build_model re-exported)
 from fer_ray.placement import cap_batch_size
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,11 @@ def train_loop_per_worker(config: dict) -> None:
     _restore(run, in_tune_local)
     hooks = [StartupProfile(config.get("t_start", t_entry), t_entry), RayReport(config, in_tune_local),
              EarlyStopping(cfg.early_stopping)]
+    if cfg.ema.decay:  # before the report: its metrics and weights go into this epoch's checkpoint
+        hooks.insert(1, EMA(cfg.ema.decay, cfg.ema.warmup))
     if config.get("fail_after_epoch"):
-        hooks.insert(2, FaultInjection(config))  # right after the epoch is checkpointed and reported
+        report = next(i for i, h in enumerate(hooks) if isinstance(h, RayReport))
+        hooks.insert(report + 1, FaultInjection(config))  # right after the epoch is checkpointed and reported
     run.fit(hooks)
 
 
