@@ -403,12 +403,21 @@ class SweepConfig(_Config):
     wandb: bool = False
     """Log trials and the leaderboard to Weights & Biases (offline mode without an API key)."""
     wandb_project: str = "fer_ray"
+    keep_checkpoints: str | dict = "best"
+    """Which checkpoints a trial keeps: ``best`` (by val accuracy, plus the latest, for resuming) or a checkpoint
+    library, ``{last_k: N}`` (also the last N epochs) or ``{every: N}`` (also every N-th epoch). Library epochs (and
+    the EMA weights of kept epochs, with ``train.ema``) become ensemble members of their own (``fer-ray tta``);
+    ensembles draw from them with ``members: {pool: library}``."""
     placement: dict = field(default_factory=dict)
     """GPU trials: model name (or ``default``) → ``PlacementRule`` (``accelerator_type`` list,
     ``min_gpu_memory_gb``, ``batch_size_cap``); a trial's DDP group never mixes GPU types (``fer_ray.placement``)."""
 
     def __post_init__(self) -> None:
         _check(path_name_problem(self.name) is None, "name", str(path_name_problem(self.name)))
+        keep = self.keep_checkpoints
+        ok = keep == "best" or (isinstance(keep, dict) and len(keep) == 1 and next(iter(keep)) in ("last_k", "every")
+                                and isinstance(next(iter(keep.values())), int) and next(iter(keep.values())) >= 1)
+        _check(ok, "keep_checkpoints", f"must be best, {{last_k: N}} or {{every: N}} with N >= 1, got {keep!r}")
         self._check_placement()
         _check(self.num_samples >= 1, "num_samples", "must be >= 1")
         _check(self.mode in ("max", "min"), "mode", "must be max or min")

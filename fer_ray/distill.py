@@ -93,7 +93,7 @@ def _train_student(exp: Experiment, sweep: SweepConfig, cfg: TrainConfig, group:
     from fer_ray.sweep import run_sweep
     from fer_ray.train import init_ray, put_dataset
 
-    one = sweep.replace(train=cfg, search_space={}, num_samples=1, max_concurrent_trials=1,
+    one = sweep.replace(train=cfg, search_space={}, num_samples=1, max_concurrent_trials=1, keep_checkpoints="best",
                         asha=sweep.asha.replace(max_t=cfg.epochs, grace_period=cfg.epochs, synchronous=False))
     init_ray(num_cpus=num_cpus)
     rows = run_sweep(one, exp, group=group, data_ref=put_dataset(data, splits, soft))

@@ -28,6 +28,8 @@ from fer_ray.names import path_name_problem
 from fer_ray.store import LogitSet, StoreError, load_store, write_logits
 
 COMBINERS = ("mean_logits", "mean_probs", "nll_weights", "greedy", "stacking")
+POOLS = {"trials": ("model",), "library": ("model", "snapshot", "ema")}
+"""Which members (``Experiment.members`` kinds) a ``{top_k, pool}`` selection ranks."""
 GREEDY_METRICS = ("accuracy", "nll")
 PRUNE_WEIGHT = 1e-4
 """Members whose fitted weight is at most this are dropped from ``nll_weights``/``greedy`` ensembles."""
@@ -45,7 +47,9 @@ class EnsembleSpec(_Config):
 
     name: str = "ensemble"
     members: list | dict = field(default_factory=lambda: {"top_k": 3, "by": "best_val_acc"})
-    """Trial ids, or ``{top_k: K, by: <trials.parquet column>}`` (highest first)."""
+    """Member ids, or ``{top_k: K, by: <column>, pool: trials|library}`` (highest first): ``pool: trials`` (the
+    default) ranks the sweep's trials (their best checkpoints), ``library`` also the checkpoint library (kept
+    epochs ``<trial>@eNNN`` and EMA weights ``<trial>@eNNN-ema``: ``SweepConfig.keep_checkpoints``)."""
     views: list | None = None
     """TTA views to use (``None``: every stored view)."""
     combiner: str = "mean_logits"
@@ -60,6 +64,14 @@ class EnsembleSpec(_Config):
     """``greedy``: the selection-split metric forward selection optimises, ``accuracy`` or ``nll``."""
     greedy_iters: int = 25
     """``greedy``: additions (with replacement) after the best single member; the best prefix is kept."""
+    greedy_bags: int = 1
+    """``greedy``: bagged selection (Caruana et al. 2006): run forward selection on this many random subsets of the
+    members and average their selection weights (1 = plain greedy)."""
+    greedy_bag_fraction: float = 0.5
+    """``greedy`` with bags: the share of the members each bag may pick from."""
+    oof_folds: int = 5
+    """Folds of the out-of-fold estimate on the selection split (member selection and every fitted number redone on
+    K-1 folds, scored on the held-out one); it ranks ensembles against single models. 0 skips it."""
     stacking_folds: int = 5
     """``stacking``: stratified cross-validation folds on the selection split used to choose C."""
     seed: int = 0
@@ -70,14 +82,21 @@ class EnsembleSpec(_Config):
             raise ConfigError(f"name: {path_name_problem(self.name)}")
         if self.combiner not in COMBINERS:
             raise ConfigError(f"combiner: must be one of {COMBINERS}, got {self.combiner!r}")
-        if isinstance(self.members, dict) and set(self.members) - {"top_k", "by"}:
-            raise ConfigError(f"members: unknown key {sorted(set(self.members) - {'top_k', 'by'})[0]!r}")
+        if isinstance(self.members, dict) and set(self.members) - {"top_k", "by", "pool"}:
+            raise ConfigError(f"members: unknown key {sorted(set(self.members) - {'top_k', 'by', 'pool'})[0]!r}")
+        if isinstance(self.members, dict) and self.members.get("pool", "trials") not in POOLS:
+            raise ConfigError(f"members.pool: must be one of {sorted(POOLS)}, got {self.members['pool']!r}")
         if self.greedy_metric not in GREEDY_METRICS:
             raise ConfigError(f"greedy_metric: must be one of {GREEDY_METRICS}, got {self.greedy_metric!r}")
         if self.greedy_iters < 0:
             raise ConfigError(f"greedy_iters: must be >= 0, got {self.greedy_iters}")
         if self.stacking_folds < 2:
             raise ConfigError(f"stacking_folds: must be >= 2, got {self.stacking_folds}")
+        if self.greedy_bags < 1 or not 0 < self.greedy_bag_fraction <= 1:
+            raise ConfigError(f"greedy_bags: must be >= 1 with greedy_bag_fraction in (0, 1], got {self.greedy_bags}"
+                              f" and {self.greedy_bag_fraction}")
+        if self.oof_folds == 1 or self.oof_folds < 0:
+            raise ConfigError(f"oof_folds: must be 0 (off) or >= 2, got {self.oof_folds}")
         if self.budget_gmacs is not None and self.budget_gmacs <= 0:
             raise ConfigError(f"budget_gmacs: must be > 0, got {self.budget_gmacs}")
         if not isinstance(self.temperature, bool):
@@ -150,6 +169,21 @@ def fit_greedy(probs: np.ndarray, labels: np.ndarray, metric: str, iters: int) -
     return counts / counts.sum(), picks[:best_len]
 
 
+def fit_bagged_greedy(probs: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> tuple[np.ndarray, list]:
+    """Caruana et al. (2006) bagged selection: forward selection on ``greedy_bags`` random member subsets
+    (``greedy_bag_fraction`` of them, seeded), selection weights averaged; returns (weights, picks per bag)."""
+    rng = np.random.default_rng(spec.seed)
+    m = len(probs)
+    size = max(1, round(spec.greedy_bag_fraction * m))
+    total, bags = np.zeros(m), []
+    for _ in range(spec.greedy_bags):
+        subset = np.sort(rng.choice(m, size=size, replace=False))
+        w, picks = fit_greedy(probs[subset], labels, spec.greedy_metric, spec.greedy_iters)
+        total[subset] += w
+        bags.append([int(subset[i]) for i in picks])
+    return total / total.sum(), bags
+
+
 def _stack_features(probs: np.ndarray) -> np.ndarray:
     m, n, c = probs.shape
     return probs.transpose(1, 0, 2).reshape(n, m * c)
@@ -214,6 +248,9 @@ def fit_ensemble(stack: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> d
     probs = softmax(member)
     if spec.combiner == "nll_weights":
         fitted["weights"] = [float(w) for w in fit_nll_weights(probs, labels)]
+    elif spec.combiner == "greedy" and spec.greedy_bags > 1:
+        weights, bags = fit_bagged_greedy(probs, labels, spec)
+        fitted["weights"], fitted["greedy_bags"] = [float(w) for w in weights], bags
     elif spec.combiner == "greedy":
         weights, picks = fit_greedy(probs, labels, spec.greedy_metric, spec.greedy_iters)
         fitted["weights"], fitted["greedy_picks"] = [float(w) for w in weights], picks
@@ -231,53 +268,105 @@ def fit_ensemble(stack: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> d
     return fitted
 
 
-def _select_members(spec: EnsembleSpec, trials: pd.DataFrame, store: dict) -> list[str]:
+def pool_of(spec: EnsembleSpec, table: pd.DataFrame, store: dict) -> pd.DataFrame:
+    """The members a ``{top_k, by, pool}`` selection may take (rows of ``Experiment.members`` with stored logits)."""
+    kinds = POOLS[spec.members.get("pool", "trials")] if isinstance(spec.members, dict) else POOLS["library"]
+    return table[table.kind.isin(kinds) & table.index.isin(list(store))]
+
+
+def _select_members(spec: EnsembleSpec, table: pd.DataFrame, store: dict) -> list[str]:
     if isinstance(spec.members, list):
         missing = [m for m in spec.members if m not in store]
         if missing:
             raise ConfigError(f"members: {missing[0]!r} has no stored logits (run `fer-ray tta` first)")
         return list(spec.members)
     by = spec.members.get("by", "best_val_acc")
-    if by not in trials.columns:
+    if by not in table.columns:
         raise ConfigError(f"members.by: {by!r} is not a trials.parquet column")
-    ranked = trials[trials.trial_id.isin(store)].sort_values(by, ascending=False)
-    return ranked.trial_id.head(int(spec.members.get("top_k", 3))).tolist()
+    ranked = pool_of(spec, table, store).sort_values(by, ascending=False, kind="stable")
+    return ranked.index[: int(spec.members.get("top_k", 3))].tolist()
 
 
 def _base_store(exp: Experiment) -> dict[str, dict[str, LogitSet]]:
     return {m: s for m, s in load_store(exp).items() if not m.startswith("ensemble:")}
 
 
-def run_ensemble(exp: Experiment | str, spec: EnsembleSpec) -> dict:
-    """Build ``spec`` from the store, write ``ensembles/<name>.json`` and the ensemble's logits per split."""
-    exp = as_experiment(exp)
-    check_role(exp, spec.select_split)
-    trials = exp.trials()
-    store = _base_store(exp)
-    members = _select_members(spec, trials, store)
-    gmacs = trials.set_index("trial_id").gmacs
-    views = spec.views or store[members[0]][spec.select_split].views
+def _choose(spec: EnsembleSpec, table: pd.DataFrame, store: dict, views: list[str],
+            score: dict[str, float] | None = None) -> list[str]:
+    """The members ``spec`` names: its list, or the top-k of its pool by ``by`` (by ``score`` instead when given and
+    ``by`` is the selection-split accuracy, so an out-of-fold fit ranks on its own folds), cut to ``budget_gmacs``."""
+    by_accuracy = isinstance(spec.members, dict) and spec.members.get("by", "best_val_acc") == "best_val_acc"
+    if score is not None and by_accuracy:
+        ranked = sorted(score, key=lambda m: -score[m])
+        members = ranked[: int(spec.members.get("top_k", 3))]
+    else:
+        members = _select_members(spec, table, store)
     if spec.budget_gmacs is not None:
         kept, cost = [], 0.0
         for m in members:
-            if cost + gmacs[m] * len(views) > spec.budget_gmacs:
+            if cost + table.gmacs[m] * len(views) > spec.budget_gmacs:
                 break  # a weaker member never replaces a stronger one that did not fit
             kept.append(m)
-            cost += gmacs[m] * len(views)
+            cost += table.gmacs[m] * len(views)
         members = kept
     if not members:
         raise ConfigError(f"ensemble {spec.name!r}: no member fits (budget {spec.budget_gmacs} GMACs?)")
     lacking = [m for m in members if spec.select_split not in store[m]]
     if lacking:
         raise ConfigError(f"members: {lacking[0]!r} has no logits on the selection split {spec.select_split!r}")
+    return members
+
+
+def out_of_fold(spec: EnsembleSpec, table: pd.DataFrame, store: dict, views: list[str]) -> dict | None:
+    """Out-of-fold estimate on the selection split: for each of ``oof_folds`` stratified folds, choose the members
+    and fit every number on the other folds only, then score the held-out fold; ``None`` when off or too small."""
+    sel = spec.select_split
+    names = spec.members if isinstance(spec.members, list) else list(pool_of(spec, table, store).index)
+    names = [m for m in names if sel in store[m] and all(v in store[m][sel].views for v in views)]
+    if not spec.oof_folds or not names:
+        return None
+    labels = store[names[0]][sel].labels
+    k = int(min(spec.oof_folds, len(labels) // 2))
+    if k < 2:
+        return None
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    logits = {m: member_logits(store[m][sel], views) for m in names}
+    pred = np.zeros(next(iter(logits.values())).shape)
+    with warnings.catch_warnings():  # a class rarer than k images (disgust) just lands in fewer folds
+        warnings.filterwarnings("ignore", message="The least populated class")
+        folds = list(StratifiedKFold(k, shuffle=True, random_state=spec.seed).split(pred, labels))
+    for fit, held in folds:
+        score = {m: float((x[fit].argmax(1) == labels[fit]).mean()) for m, x in logits.items()}
+        members = _choose(spec, table, store, views, score)
+        fitted = fit_ensemble(np.stack([logits[m][fit] for m in members]), labels[fit], spec)
+        pred[held] = apply_fitted(np.stack([logits[members[i]][held] for i in fitted["kept"]]), fitted)
+    m = classification_metrics(pred, labels)
+    return {"accuracy": m["accuracy"], "nll": m["nll"], "folds": k}
+
+
+def run_ensemble(exp: Experiment | str, spec: EnsembleSpec) -> dict:
+    """Build ``spec`` from the store, write ``ensembles/<name>.json`` (with the out-of-fold estimate) and the
+    ensemble's logits per split."""
+    exp = as_experiment(exp)
+    check_role(exp, spec.select_split)
+    table = exp.members()
+    store = _base_store(exp)
+    candidates = _select_members(spec, table, store)
+    views = spec.views or store[candidates[0]][spec.select_split].views
+    members = _choose(spec, table, store, views)
     sel = [store[m][spec.select_split] for m in members]
     fitted = fit_ensemble(np.stack([member_logits(s, views) for s in sel]), sel[0].labels, spec)
     dropped = [m for i, m in enumerate(members) if i not in fitted["kept"]]
     if "greedy_picks" in fitted:
         fitted["greedy_picks"] = [members[i] for i in fitted["greedy_picks"]]
+    if "greedy_bags" in fitted:
+        fitted["greedy_bags"] = [[members[i] for i in bag] for bag in fitted["greedy_bags"]]
     members = [members[i] for i in fitted.pop("kept")]
     roles = exp.roles()
-    total = float(sum(gmacs[m] for m in members) * len(views))
+    total = float(sum(table.gmacs[m] for m in members) * len(views))
     metrics = {}
     for split in store[members[0]]:
         sets = [store[m][split] for m in members]
@@ -291,7 +380,8 @@ def run_ensemble(exp: Experiment | str, spec: EnsembleSpec) -> dict:
     out = {"name": spec.name, "spec": spec.to_dict(), "members": members, "views": list(views),
            "member_checkpoints": {m: store[m][spec.select_split].meta.get("checkpoint_sha256") for m in members},
            "weights": fitted["weights"], "combiner": spec.combiner, "fitted": fitted, "dropped": dropped,
-           "selected_on": spec.select_split, "total_gmacs": total, "metrics": metrics}
+           "selected_on": spec.select_split, "total_gmacs": total, "metrics": metrics,
+           "oof": out_of_fold(spec, table, store, list(views))}
     exp.write_ensemble(out)
     return out
 

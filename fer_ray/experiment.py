@@ -13,6 +13,7 @@ file names::
     train/train_<trial_id>/epoch_NNN/   Ray Train's run and checkpoints of each DDP trial
     trials/<trial_id>/  history.json (per-epoch metrics, written by rank 0 each epoch), metrics.parquet
     trials.parquet      one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint location
+    library.parquet     the checkpoint library: one row per extra member (a kept epoch, or EMA weights) of a trial
     logits/<member>/<split>.parquet   the TTA logit store (format: ``fer_ray.store``)
     ensembles/<name>.json             fitted ensembles (``fer_ray.ensemble``)
     pareto.csv          budget-search candidates;  distilled.parquet: students (``fer-ray distill``)
@@ -36,10 +37,10 @@ import pyarrow.parquet as pq
 
 from fer_ray.checkpoint import EPOCH_RE
 from fer_ray.config import ConfigError, SweepConfig, parse_sweep
-from fer_ray.storage import Storage, join_uri, normalize
+from fer_ray.storage import Storage, join_uri, normalize, split_uri
 
 SWEEP, ROLES, DATA = "sweep.yaml", "split_roles.json", "data.json"
-TRIALS, DISTILLED, PARETO = "trials.parquet", "distilled.parquet", "pareto.csv"
+TRIALS, DISTILLED, PARETO, LIBRARY = "trials.parquet", "distilled.parquet", "pareto.csv", "library.parquet"
 TUNE, TRAIN, REPORT, LOGITS, ENSEMBLES = "tune", "train", "report", "logits", "ensembles"
 HISTORY, METRICS = "history.json", "metrics.parquet"
 MARKER = ".fer_ray"
@@ -184,6 +185,33 @@ class Experiment(Storage):
 
     def write_trials(self, df: pd.DataFrame) -> None:
         self.write_parquet(TRIALS, df)
+
+    def library(self) -> pd.DataFrame | None:
+        return self.read_parquet(LIBRARY) if self.is_file(LIBRARY) else None
+
+    def write_library(self, df: pd.DataFrame) -> None:
+        self.write_parquet(LIBRARY, df)
+
+    def members(self) -> pd.DataFrame:
+        """Every scoreable member, indexed by member id (column ``trial_id``): the sweep's trials (``kind`` model),
+        the checkpoint library (``snapshot`` for a kept epoch, ``ema`` for EMA weights) and distilled students
+        (``distill``). Column ``weights`` says which weights of the checkpoint it is (``raw`` or ``ema``)."""
+        parts = [self.trials().assign(kind="model", weights="raw")]
+        for extra in (self.library(), self.distilled()):
+            if extra is not None and len(extra):
+                parts.append(extra if "kind" in extra else extra.assign(kind="distill"))
+        df = pd.concat(parts, ignore_index=True)
+        df["weights"] = df["weights"].fillna("raw")
+        return df.set_index("trial_id")
+
+    def delete_checkpoint(self, location: str) -> None:
+        """Remove the checkpoint folder holding the file at ``location`` (a pruned library epoch)."""
+        base = split_uri(location)[0] if not self.is_local else location
+        root = split_uri(self.uri)[0] if not self.is_local else self.root
+        rel = posixpath.relpath(posixpath.dirname(base), root)
+        if rel.startswith(".."):
+            raise ConfigError(f"{location} is not inside {self.uri}")
+        self.delete(rel)
 
     def distilled(self) -> pd.DataFrame | None:
         return self.read_parquet(DISTILLED) if self.is_file(DISTILLED) else None

@@ -34,6 +34,8 @@ class ScoreJob:
     label: str = ""
     views: list[str] | None = None
     """TTA views (``score_checkpoints``'s ``views`` when ``None``)."""
+    weights: str = "raw"
+    """Which weights of the checkpoint: ``raw``, or the ``ema`` average saved beside them."""
 
 
 def task_resources(cfg: TrainConfig, cluster_cpus: float | None = None) -> dict[str, float]:
@@ -46,14 +48,14 @@ def task_resources(cfg: TrainConfig, cluster_cpus: float | None = None) -> dict[
 
 
 def score_checkpoint(location: str, images: np.ndarray, index: dict[str, np.ndarray], views: Sequence[str],
-                     device: str = "cpu", batch_size: int = 256) -> dict:
+                     device: str = "cpu", batch_size: int = 256, weights: str = "raw") -> dict:
     """``{"logits": {split: [V, N, C] float32}, "epoch": int, "seconds": float}`` for the checkpoint at ``location``."""
     from fer_ray.tta import inference_model, tta_logits
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(location)
     dev = torch.device(device)
-    model = inference_model(model_from_checkpoint(ckpt)).to(dev)
+    model = inference_model(model_from_checkpoint(ckpt, weights)).to(dev)
     amp = engine.autocast_dtype(TrainConfig.from_dict(ckpt["config"], "checkpoint config"), dev)
     out = {}
     for split, idx in index.items():
@@ -62,9 +64,10 @@ def score_checkpoint(location: str, images: np.ndarray, index: dict[str, np.ndar
     return {"logits": out, "epoch": int(ckpt["epoch"]), "seconds": time.perf_counter() - t0}
 
 
-def _score_task(location: str, images: np.ndarray, index: dict, views: list[str], device: str, threads: int) -> dict:
+def _score_task(location: str, images: np.ndarray, index: dict, views: list[str], device: str, threads: int,
+                weights: str) -> dict:
     torch.set_num_threads(threads)
-    return score_checkpoint(location, images, index, views, device)
+    return score_checkpoint(location, images, index, views, device, weights=weights)
 
 
 def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[str] = (),
@@ -73,7 +76,7 @@ def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[
     finishes (Ray tasks, in parallel). ``on_ray=False`` scores them one after another in this process instead."""
     if not on_ray:
         for i, job in enumerate(jobs):
-            yield i, score_checkpoint(job.location, images, job.index, list(job.views or views))
+            yield i, score_checkpoint(job.location, images, job.index, list(job.views or views), weights=job.weights)
         return
     import ray
 
@@ -88,7 +91,8 @@ def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[
         res = task_resources(TrainConfig.from_dict(job.config, "trial config"), cluster_cpus)
         device = "cuda" if res.get("num_gpus") else "cpu"
         ref = task.options(**res, name=f"fer_ray.score {job.label}"[:120]).remote(
-            job.location, images_ref, job.index, list(job.views or views), device, max(1, round(res["num_cpus"])))
+            job.location, images_ref, job.index, list(job.views or views), device, max(1, round(res["num_cpus"])),
+            job.weights)
         pending[ref] = i
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

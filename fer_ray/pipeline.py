@@ -30,7 +30,9 @@ def tta_stage(exp: Experiment | str, views: list[str] | None = None, prepared: t
     cfg = exp.sweep()
     data, splits = prepared or prepare_dataset(cfg.data)
     exp.check_data(fingerprint(data, splits), cfg.data.path or "the synthetic generator")
-    return fill_store(exp, data, splits, views or list(cfg.tta_views), exp.roles())
+    members = exp.members()  # the trials and their checkpoint library (distilled students are scored by distill)
+    rows = members[members.kind != "distill"].reset_index()
+    return fill_store(exp, data, splits, views or list(cfg.tta_views), exp.roles(), trials=rows)
 
 
 def ensemble_stage(exp: Experiment | str, top_k: int, combiner: str = "mean_logits") -> dict:
@@ -61,8 +63,10 @@ def run_all(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num_c
         return None
     tta_stage(exp, prepared=prepared)
     ensemble_stage(exp, min(cfg.ensemble_top_k, len(trials)))
-    # Caruana greedy selection over every trial, on validation NLL, with temperature scaling (val only).
-    run_ensemble(exp, EnsembleSpec(name="greedy_nll", members={"top_k": len(trials)}, combiner="greedy",
+    # Caruana greedy selection over every trial and its checkpoint library, on validation NLL, with temperature
+    # scaling (val only).
+    run_ensemble(exp, EnsembleSpec(name="greedy_nll", members={"top_k": len(exp.members()), "pool": "library"},
+                                   combiner="greedy",
                                    greedy_metric="nll", temperature=True))
     board = report_stage(exp)
     print(format_table(board), flush=True)

@@ -5,8 +5,9 @@ columns (see ``COLUMNS``) plus accuracy, macro-F1, NLL, ECE and Brier per split 
 selected on. Efficiency is report-split accuracy in % per total GFLOPs, where GFLOPs = 2 × GMACs (fvcore counts
 a multiply-add once). ``write_report`` adds a self-contained HTML page, headed by each split's role, with plots:
 accuracy vs GMACs with the Pareto front, the budget-search Pareto front (``pareto.csv``) with report accuracy
-annotated, reliability diagrams of the best ensemble before/after temperature scaling, the confusion matrix,
-per-class recall, and ASHA's trial curves.
+annotated, reliability diagrams of the best ensemble before/after temperature scaling, the confusion matrix and
+per-class recall (on the first report split and on every external dataset ``fer-ray evaluate`` added), and ASHA's
+trial curves.
 """
 
 from __future__ import annotations
@@ -37,20 +38,15 @@ def split_order(roles: dict[str, str]) -> list[str]:
 
 
 def member_table(exp: Experiment | str) -> pd.DataFrame:
-    """``trials.parquet`` plus distilled students (``distilled.parquet``, ``fer-ray distill``), indexed by trial_id.
-
-    Column ``kind`` is ``model`` for sweep trials and ``distill`` for students.
-    """
-    exp = as_experiment(exp)
-    parts = [exp.trials().assign(kind="model")]
-    distilled = exp.distilled()
-    if distilled is not None:
-        parts.append(distilled.assign(kind="distill"))
-    return pd.concat(parts, ignore_index=True).set_index("trial_id")
+    """Every scoreable member (``Experiment.members``): trials, the checkpoint library, distilled students."""
+    return as_experiment(exp).members()
 
 
 def leaderboard(exp: Experiment | str) -> pd.DataFrame:
-    """One row per stored model and ensemble, metrics per split, sorted by selection-split accuracy."""
+    """One row per stored model and ensemble, metrics per split, ranked by the out-of-fold selection-split accuracy
+    (``oof_acc_<select>``): an ensemble's estimate with its members and fitted numbers chosen on other folds
+    (``fer_ray.ensemble.out_of_fold``), a model's own selection-split accuracy (nothing is fitted on it). The
+    in-sample ``acc_<select>`` sits beside it: ranked on that, a fitted ensemble would win by construction."""
     exp = as_experiment(exp)
     roles = exp.roles()
     select = next(s for s, r in roles.items() if r == "select")
@@ -83,13 +79,18 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
                 m = classification_metrics(member_logits(per_split[split], None), per_split[split].labels)
                 row |= {f"acc_{split}": m["accuracy"], f"macro_f1_{split}": m["macro_f1"], f"nll_{split}": m["nll"],
                         f"ece_{split}": m["ece"], f"brier_{split}": m["brier"]}
+        if row["kind"] == "ensemble":
+            row[f"oof_acc_{select}"] = (info.get("oof") or {}).get("accuracy", np.nan)
+        else:
+            row[f"oof_acc_{select}"] = row.get(f"acc_{select}", np.nan)
         rep = _report_split(roles)
         row["efficiency"] = 100 * row.get(f"acc_{rep}", np.nan) / (2 * row["total_gmacs"]) if rep else np.nan
         rows.append(row)
     board = pd.DataFrame(rows)
     if board.empty:
         return board
-    return board.sort_values(f"acc_{select}", ascending=False).reset_index(drop=True)
+    return board.sort_values([f"oof_acc_{select}", f"acc_{select}"], ascending=False,
+                             na_position="last").reset_index(drop=True)
 
 
 def format_table(board: pd.DataFrame) -> str:
@@ -97,7 +98,7 @@ def format_table(board: pd.DataFrame) -> str:
     if board.empty:
         return "(empty leaderboard)"
     cols = ["name", "kind", "arch", "img_size", "tta_views", "params", "total_gmacs"]
-    cols += [c for c in board.columns if c.startswith("acc_") or c.startswith("macro_f1_public")]
+    cols += [c for c in board.columns if c.startswith(("oof_acc_", "acc_")) or c.startswith("macro_f1_public")]
     cols += [c for c in board.columns if c.startswith(("nll_public", "ece_public"))] + ["efficiency"]
     view = board[cols].copy()
     view["params"] = (view["params"] / 1e6).map("{:.2f}M".format)
@@ -175,13 +176,42 @@ def _reliability_figure(exp: Experiment, board: pd.DataFrame, plt, select: str, 
     return fig
 
 
+def _confusion_figure(exp: Experiment, board: pd.DataFrame, plt, split: str):
+    """Row-normalised confusion matrix and per-class recall of the leaderboard's best entry on ``split`` (``None`` if
+    it has no logits there); classes the split has no image of show no recall bar (marked n/a), not a zero."""
+    best = board.iloc[0]
+    ls = load_store(exp, [split]).get(("ensemble:" + best["name"]) if best.kind == "ensemble" else best["name"], {})
+    if split not in ls:
+        return None
+    m = classification_metrics(member_logits(ls[split], None), ls[split].labels, num_classes=len(CLASSES))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    counts = np.array(m["confusion"], dtype=float)
+    cm = counts / counts.sum(1, keepdims=True).clip(min=1)
+    a1.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    a1.set(xticks=range(7), yticks=range(7), xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted",
+           ylabel="true", title=f"{best['name']} on {split} (row-normalised; n = {len(ls[split].labels)})")
+    a1.tick_params(axis="x", rotation=45)
+    for i in range(7):
+        for j in range(7):
+            a1.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    present = counts.sum(1) > 0
+    recall = np.where(present, m["per_class_recall"], 0.0)
+    bars = a2.bar(CLASSES, recall)
+    for bar, r, ok, n in zip(bars, recall, present, counts.sum(1)):
+        a2.annotate(f"{r:.2f}\n(n={int(n)})" if ok else "n/a", (bar.get_x() + bar.get_width() / 2, r),
+                    ha="center", va="bottom", fontsize=7)
+    a2.set(ylim=(0, 1.15), title=f"per-class recall ({split}; n/a: no image of that class)")
+    a2.tick_params(axis="x", rotation=45)
+    return fig
+
+
 def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[str, str]:
     plt = pyplot()
 
     select, report = next(s for s, r in roles.items() if r == "select"), _report_split(roles)
     figs = {}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for kind, marker in (("model", "o"), ("distill", "D"), ("ensemble", "*")):
+    for kind, marker in (("model", "o"), ("snapshot", "s"), ("ema", "^"), ("distill", "D"), ("ensemble", "*")):
         sub = board[board.kind == kind]
         if sub.empty:
             continue
@@ -198,24 +228,12 @@ def _plots(exp: Experiment, board: pd.DataFrame, roles: dict[str, str]) -> dict[
     ax.legend(fontsize=7)
     figs["Accuracy vs GMACs"] = _png(fig)
 
-    if report:
-        best = board.iloc[0]
-        ls = load_store(exp, [report])[("ensemble:" + best["name"]) if best.kind == "ensemble" else best["name"]]
-        m = classification_metrics(member_logits(ls[report], None), ls[report].labels)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-        cm = np.array(m["confusion"], dtype=float)
-        cm = cm / cm.sum(1, keepdims=True).clip(min=1)
-        a1.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-        a1.set(xticks=range(7), yticks=range(7), xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted",
-               ylabel="true", title=f"{best['name']} on {report} (row-normalised)")
-        a1.tick_params(axis="x", rotation=45)
-        for i in range(7):
-            for j in range(7):
-                a1.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7)
-        a2.bar(CLASSES, m["per_class_recall"])
-        a2.set(ylim=(0, 1), title=f"per-class recall ({report})")
-        a2.tick_params(axis="x", rotation=45)
-        figs["Best entry: confusion and recall"] = _png(fig)
+    external = [s for s in split_order(roles) if roles[s] == "report" and s not in SPLIT_ORDER]
+    for split in ([report] if report else []) + external:  # every dataset scored by `fer-ray evaluate` too
+        fig = _confusion_figure(exp, board, plt, split)
+        if fig is not None:
+            figs["Best entry: confusion and recall" if split == report else
+                 f"Best entry on {split} (external dataset): confusion and per-class recall"] = _png(fig)
 
     for title, fig in (("Budget search: Pareto front", _pareto_figure(exp, plt, select, report)),
                        ("Best ensemble: reliability before/after temperature scaling",

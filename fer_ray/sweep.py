@@ -47,7 +47,7 @@ from fer_ray.names import SPLIT_ROLES
 from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources
 from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
-from fer_ray.train import CHECKPOINT_KEEP, init_ray, make_trainer, prepare_dataset, put_dataset
+from fer_ray.train import CHECKPOINT_KEEP, KEEP_ALL, init_ray, make_trainer, prepare_dataset, put_dataset
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failur
         cfg = place_in_cluster(cfg, rule)
     callbacks = [TuneReportCallback()] if cfg.num_workers > 0 else None
     make_trainer(cfg, data_ref, exp_uri, trial_id, group, callbacks=callbacks, in_tune=True,
-                 max_failures=max_failures, batch_size_cap=rule.batch_size_cap if rule else None).fit()
+                 max_failures=max_failures, batch_size_cap=rule.batch_size_cap if rule else None,
+                 keep_all=bool(sweep) and sweep.keep_checkpoints != "best").fit()
 
 
 def _resources(config: dict, sweep: SweepConfig) -> PlacementGroupFactory:
@@ -250,14 +251,25 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=int(verbose),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(**CHECKPOINT_KEEP),
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          **(CHECKPOINT_KEEP if cfg.keep_checkpoints == "best" else KEEP_ALL)),
                                       callbacks=[EpochLines(), *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
     tuner.fit()
     return collect_trials(exp, cfg, group)
 
 
-def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None = None) -> dict:
-    """One trial's summary from its history and its best checkpoint (chosen by ``fer_ray.loop.best_entry``)."""
+def policy_epochs(keep: str | dict, epochs: list[int]) -> set[int]:
+    """The library epochs a ``keep_checkpoints`` policy adds to a trial's best and latest (none for ``best``)."""
+    if keep == "best" or not epochs:
+        return set()
+    (kind, n), = keep.items()
+    return set(sorted(epochs)[-n:]) if kind == "last_k" else {e for e in epochs if e % n == 0}
+
+
+def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None = None,
+              keep: str | dict = "best") -> tuple[dict, list[dict]]:
+    """One trial's summary from its history and its best checkpoint (chosen by ``fer_ray.loop.best_entry``), and
+    its checkpoint-library members (``library_rows``); checkpoints outside the library are deleted here."""
     checkpoints = exp.checkpoints(trial_id, group)
     if not checkpoints:
         raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has a history but no checkpoint")
@@ -268,25 +280,53 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
     if best["epoch"] not in checkpoints:
         raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has no checkpoint of its best epoch {best['epoch']} "
                                 f"(kept: {sorted(checkpoints)})")
+    if keep != "best":
+        wanted = policy_epochs(keep, [h["epoch"] for h in history]) | {best["epoch"], max(checkpoints)}
+        for epoch in [e for e in checkpoints if e not in wanted]:
+            exp.delete_checkpoint(checkpoints.pop(epoch))
     location = checkpoints[best["epoch"]]
     train_cfg = load_checkpoint(location)["config"]
     tc = TrainConfig.from_dict(train_cfg, "train")
     model = build_model(tc.replace(pretrained=False))
-    return {"trial_id": trial_id, "arch": tc.model, "img_size": model.fer_cfg["img_size"],
-            "in_chans": model.fer_cfg["in_chans"], "params": count_params(model), "gmacs": count_gmacs(model),
-            "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs_run": len(history),
-            "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
-            "config": json.dumps(train_cfg, sort_keys=True)}
+    row = {"trial_id": trial_id, "arch": tc.model, "img_size": model.fer_cfg["img_size"],
+           "in_chans": model.fer_cfg["in_chans"], "params": count_params(model), "gmacs": count_gmacs(model),
+           "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs_run": len(history),
+           "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
+           "config": json.dumps(train_cfg, sort_keys=True)}
+    return row, library_rows(row, history, checkpoints, keep)
+
+
+def library_rows(row: dict, history: list[dict], kept: dict[int, str], keep: str | dict) -> list[dict]:
+    """A trial's checkpoint-library members: each library epoch other than the best (``<trial>@eNNN``) and, when
+    the trial trained EMA weights, their EMA copies (``<trial>@eNNN-ema``; with ``keep: best``, the kept epoch whose
+    EMA scored best on val)."""
+    by_epoch = {h["epoch"]: h for h in history}
+    library = policy_epochs(keep, list(kept))
+    out = [row | {"trial_id": f"{row['trial_id']}@e{e:03d}", "parent": row["trial_id"], "weights": "raw",
+                  "kind": "snapshot", "checkpoint": kept[e], "best_val_acc": by_epoch[e]["val_acc"], "best_epoch": e}
+           for e in sorted(library - {row["best_epoch"]})]
+    if all("val_acc_ema" in by_epoch.get(e, {}) for e in kept):
+        ema = library | {row["best_epoch"]} if library else {max(kept, key=lambda e: by_epoch[e]["val_acc_ema"])}
+        out += [row | {"trial_id": f"{row['trial_id']}@e{e:03d}-ema", "parent": row["trial_id"], "weights": "ema",
+                       "kind": "ema", "checkpoint": kept[e], "best_val_acc": by_epoch[e]["val_acc_ema"],
+                       "best_epoch": e} for e in sorted(ema)]
+    return out
 
 
 def collect_trials(exp: Experiment | str, cfg: SweepConfig | None = None, group: str = "") -> pd.DataFrame:
-    """Summarise every trial of ``group`` (``trial_row``); the sweep's own trials also go to ``trials.parquet``."""
+    """Summarise every trial of ``group`` (``trial_row``); the sweep's own trials also go to ``trials.parquet``
+    and their checkpoint-library members to ``library.parquet``."""
     exp = as_experiment(exp)
     cfg = cfg or exp.sweep()
-    rows = [trial_row(exp, t, group, cfg.asha.max_t) for t in exp.trial_ids(group)]
+    rows, library = [], []
+    for t in exp.trial_ids(group):
+        row, lib = trial_row(exp, t, group, cfg.asha.max_t, cfg.keep_checkpoints)
+        rows.append(row)
+        library += lib
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values("best_val_acc", ascending=False).reset_index(drop=True)
     if not group:
         exp.write_trials(df)
+        exp.write_library(pd.DataFrame(library))
     return df

@@ -41,6 +41,9 @@ bucket as the driver: Ray does not forward the driver's environment to its worke
 
 CHECKPOINT_KEEP = {"num_to_keep": 1, "checkpoint_score_attribute": "val_acc", "checkpoint_score_order": "max"}
 """Ray keeps each run's best checkpoint by ``val_acc`` (the later one on ties) and, always, its latest."""
+KEEP_ALL = {"num_to_keep": None}
+"""A checkpoint library (``SweepConfig.keep_checkpoints``): Ray keeps every epoch; fer_ray prunes to the library's
+epochs when the trial is collected (``fer_ray.sweep.trial_row``)."""
 
 
 STARTED_LOCAL_RAY = False
@@ -224,18 +227,19 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
 
 def make_trainer(cfg: TrainConfig, data_ref, exp: Experiment | str, trial_id: str, group: str = "",
                  callbacks: list | None = None, in_tune: bool = False, max_failures: int = 1,
-                 batch_size_cap: dict[str, int] | None = None):
+                 batch_size_cap: dict[str, int] | None = None, keep_all: bool = False):
     """The TorchTrainer of run ``trial_id`` of ``exp`` (its Ray Train run ``<group>/train/train_<trial_id>``);
     ``cfg.num_workers == 0`` selects Ray Train's in-process local mode. Built again with the same arguments, it
     resumes from the run's latest checkpoint (Ray Train V2 restores a run by storage path and name).
 
-    ``batch_size_cap``: accelerator type → largest per-GPU batch (``fer_ray.placement.cap_batch_size``).
+    ``batch_size_cap``: accelerator type → largest per-GPU batch (``fer_ray.placement.cap_batch_size``);
+    ``keep_all``: keep every epoch's checkpoint (a checkpoint library) instead of the best and the latest.
     """
     exp = exp if isinstance(exp, Experiment) else Experiment(exp)
+    keep = ray.train.CheckpointConfig(**(KEEP_ALL if keep_all else CHECKPOINT_KEEP))
     run = ray.train.RunConfig(name=f"train_{trial_id}", storage_path=exp.train_storage(group),
-                              callbacks=callbacks or None,
-                              failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                              checkpoint_config=ray.train.CheckpointConfig(**CHECKPOINT_KEEP))
+                              callbacks=callbacks or None, checkpoint_config=keep,
+                              failure_config=ray.train.FailureConfig(max_failures=max_failures))
     loop_config = {"train": cfg.to_dict(), "data_ref": data_ref, "experiment": exp.uri, "trial_id": trial_id,
                    "group": group, "in_tune": in_tune, "t_start": time.time(), "batch_size_cap": batch_size_cap or {}}
     return ray.train.torch.TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,

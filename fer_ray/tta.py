@@ -150,7 +150,8 @@ def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequenc
         written += [exp.logits_rel(row.trial_id, s) for s in scored if s not in need]
         if need:
             jobs.append(ScoreJob(row.checkpoint, json.loads(row.config), {s: splits[s] for s in need},
-                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)", views))
+                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)", views,
+                                 weights=getattr(row, "weights", None) or "raw"))
             rows.append((row, sha))
     for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, on_ray=on_ray), 1):
         row, sha, views = *rows[i], jobs[i].views
@@ -159,6 +160,7 @@ def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequenc
             meta = {"member": row.trial_id, "arch": row.arch, "img_size": int(row.img_size),
                     "in_chans": int(row.in_chans), "params": int(row.params), "gmacs_per_view": float(row.gmacs),
                     "checkpoint": row.checkpoint, "checkpoint_sha256": sha, "epoch": res["epoch"],
+                    "weights": jobs[i].weights,
                     "split": split, "role": roles[split], "views": list(views), "config": json.loads(row.config)}
             write_logits(exp, row.trial_id, split, logits, data.labels[idx], data.ids[idx].astype(str), views, meta)
             written.append(exp.logits_rel(row.trial_id, split))

@@ -73,3 +73,25 @@ def test_leaderboard_ensemble_recomputed_from_stored_logits(experiment):
                                                                       abs=1e-6)
     assert (board.kind == "model").sum() == 2
     assert (exp / "report" / "leaderboard.md").read_text().count("|") > 10
+
+
+def test_checkpoint_library_and_ema_members(experiment):
+    """smoke.yaml keeps the last 2 epochs and EMA weights: the library lists them, TTA scored them, the report shows
+    them, and each library member's identity-view val accuracy is the one its epoch reported."""
+    _, exp, _ = experiment
+    library = pd.read_parquet(exp / "library.parquet").set_index("trial_id")
+    trials = pd.read_parquet(exp / "trials.parquet")
+    for row in trials.itertuples():
+        mine = library[library.parent == row.trial_id]
+        kept = set(range(1, row.epochs_run + 1))  # last_k 2 of at most 2 epochs (ASHA may stop one after 1)
+        assert set(mine[mine.kind == "ema"].best_epoch) == kept  # EMA copies of the kept epochs
+        assert set(mine[mine.kind == "snapshot"].best_epoch) == kept - {row.best_epoch}
+        history = {h["epoch"]: h for h in json.loads((exp / "trials" / row.trial_id / "history.json").read_text())}
+        for member, lib in mine.iterrows():
+            ls = read_logits(exp, member, "val")
+            want = history[lib.best_epoch]["val_acc_ema" if lib.weights == "ema" else "val_acc"]
+            assert float((ls.logits[0].argmax(1) == ls.labels).mean()) == pytest.approx(want, abs=1e-6), member
+    board = pd.read_csv(exp / "report" / "leaderboard.csv")
+    assert set(library.index) <= set(board.name) and "oof_acc_val" in board.columns
+    greedy = json.loads((exp / "ensembles" / "greedy_nll.json").read_text())
+    assert greedy["oof"] and 0 <= greedy["oof"]["accuracy"] <= 1
