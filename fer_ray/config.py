@@ -172,8 +172,12 @@ class AugmentConfig(_Config):
     """Zoom range ``1 ± scale``."""
     shear: float = 0.0
     """Max shear in degrees."""
+    affine_p: float = 1.0
+    """Probability of the affine (rotation, shift, zoom, shear) per image."""
     brightness: float = 0.0
     contrast: float = 0.0
+    jitter_p: float = 1.0
+    """Probability of the brightness/contrast jitter per image."""
     erasing: float = 0.0
     """Probability of random erasing (cutout)."""
     resized_crop: float = 0.0
@@ -181,7 +185,7 @@ class AugmentConfig(_Config):
 
     def __post_init__(self) -> None:
         _check(self.strength >= 0, "strength", f"must be >= 0, got {self.strength}")
-        for name in ("hflip", "erasing", "resized_crop"):
+        for name in ("hflip", "erasing", "resized_crop", "affine_p", "jitter_p"):
             _check(0 <= getattr(self, name) <= 1, name, f"must be a probability, got {getattr(self, name)}")
         for name in ("rotate", "translate", "scale", "shear", "brightness", "contrast"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
@@ -250,6 +254,17 @@ class TrainConfig(_Config):
     freeze_epochs: int = 0
     """Train only the head for this many epochs (models with ``freeze_backbone``), then everything."""
     eval_batch_size: int = 512
+    input: str = "resize"
+    """How a 48-px face becomes the model's ``img_size`` input: ``resize``, or ``center_crop`` (train on random
+    ``img_size`` crops of the face, evaluate on its center crop: the 40-px crop recipes; with TTA views
+    ``tenshift<(48 - img_size) / 2>`` the ten-crop policy)."""
+    aug_repeats: int = 1
+    """Each image appears this many times per batch, each copy augmented on its own (batch augmentation; the
+    published recipes train on all 5 or 10 crops of an image per step). ``batch_size`` counts images."""
+    plateau_factor: float = 0.5
+    """``scheduler: plateau``: LR multiplier when val accuracy stalls."""
+    plateau_patience: int = 2
+    """``scheduler: plateau``: epochs without improvement before the LR drops."""
     distill_alpha: float = 0.0
     """Weight α of the knowledge-distillation term (``fer-ray distill``): loss = α·T²·KL(teacher ‖ student at T)
     + (1-α)·CE; needs teacher logits in the shared dataset. 0 turns it off."""
@@ -281,6 +296,10 @@ class TrainConfig(_Config):
         _check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         _check(self.amp in ("auto", "off", "fp16", "bf16"), "amp", f"must be auto/off/fp16/bf16, got {self.amp!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.input in ("resize", "center_crop"), "input", f"must be resize or center_crop, got {self.input!r}")
+        _check(self.aug_repeats >= 1, "aug_repeats", f"must be >= 1, got {self.aug_repeats}")
+        _check(0 < self.plateau_factor < 1 and self.plateau_patience >= 0, "plateau_factor",
+               f"factor must be in (0, 1) and patience >= 0, got {self.plateau_factor}, {self.plateau_patience}")
         _check(0 < self.gpu_fraction <= 1, "gpu_fraction", f"must be in (0, 1], got {self.gpu_fraction}")
         _check(self.gpu_fraction == 1 or self.num_workers <= 1, "gpu_fraction",
                f"a fraction of a GPU is for single-worker trials (DDP ranks need a GPU each); num_workers is "

@@ -125,7 +125,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     if cfg.scheduler == "step":
         return sched.StepLR(optimizer, step_size=max(1, cfg.epochs // 3), gamma=0.1)
     if cfg.scheduler == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     return None
 
 
@@ -215,6 +215,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     for idx in shard_batches(len(images), per_rank, shuffle=True, seed=cfg.seed * 1000 + epoch, rank=rank,
                              world_size=world_size, weights=weights):
         idx = idx.to(device, non_blocking=True)
+        if cfg.aug_repeats > 1:  # batch augmentation: every image several times, each copy augmented on its own
+            idx = idx.repeat_interleave(cfg.aug_repeats)
         x = preprocess(augment(preprocess.to_float(images[idx])))
         y = labels[idx]
         x, target = loss_fn.mix(x, y)

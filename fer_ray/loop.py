@@ -86,8 +86,12 @@ def best_entry(history: list[dict]) -> dict:
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    return create_model(cfg.model, num_classes=7, in_chans=cfg.in_chans, img_size=cfg.img_size,
-                        drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or None, **cfg.model_kwargs)
+    """The model of ``cfg``; its ``fer_cfg`` also records how a face becomes its input (``cfg.input``)."""
+    model = create_model(cfg.model, num_classes=7, in_chans=cfg.in_chans, img_size=cfg.img_size,
+                         drop_rate=cfg.drop_rate, pretrained=cfg.pretrained or None, **cfg.model_kwargs)
+    if cfg.input != "resize":
+        model.fer_cfg["input"] = cfg.input
+    return model
 
 
 def split_tensors(arrays: dict, device: torch.device) -> dict[str, tuple[engine.IndexedImages, torch.Tensor]]:
@@ -124,7 +128,8 @@ class TrainingRun:
         self.fer_cfg = module.fer_cfg
         self.module = module.to(device, memory_format=torch.channels_last)
         self.preprocess = Preprocess.for_model(self.fer_cfg).to(device)
-        self.augment = Augment(cfg.augment).to(device)
+        self.augment = Augment(cfg.augment, crop=self.fer_cfg["img_size"] if cfg.input == "center_crop" else 0)
+        self.augment = self.augment.to(device)
         self.amp_dtype = engine.autocast_dtype(cfg, device)
         self.scaler = engine.grad_scaler(device, self.amp_dtype)
         splits = split_tensors(arrays, device)

@@ -5,7 +5,7 @@ tensor transforms from the same steps.
 A view is ``identity``, ``hflip``, ``rot<deg>`` (``rot10``, ``rot-10``), ``shift<dx>,<dy>`` (px), ``scale<s>``
 (``scale1.1``), ``crop<c><pos>`` (a ``c``×``c`` crop at ``tl``/``tr``/``bl``/``br``/``c``, resized back), or a
 ``+`` combination (``hflip+rot10``). In a policy, ``tencrop<c>`` stands for the ten-crop views (4 corners + centre,
-each also flipped).
+each also flipped), and ``tenshift<d>`` for the ten-crop of center-crop models (``expand_views``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ CROP_POSITIONS = ("tl", "tr", "bl", "br", "c")
 
 
 def expand_views(views: Sequence[str]) -> list[str]:
-    """A policy with ``tencrop<c>`` entries replaced by their ten views (crops at 4 corners + centre, ± flip)."""
+    """A policy with ``tencrop<c>`` entries replaced by their ten views (crops at 4 corners + centre, ± flip), and
+    ``tenshift<d>`` by the ten-crop of a center-crop model (``TrainConfig.input: center_crop``): the face shifted
+    by ±``d`` px to each corner (its center crop is then that corner's crop) and unshifted, ± flip."""
     out: list[str] = []
     for view in views:
-        m = re.fullmatch(r"tencrop(\d+)", str(view).strip())
-        crops = [f"crop{m.group(1)}{pos}" for pos in CROP_POSITIONS] if m else []
-        out.extend([*crops, *(f"{c}+hflip" for c in crops)] if m else [str(view)])
+        view = str(view).strip()
+        if m := re.fullmatch(r"tencrop(\d+)", view):
+            crops = [f"crop{m.group(1)}{pos}" for pos in CROP_POSITIONS]
+        elif m := re.fullmatch(r"tenshift(\d+)", view):
+            d = m.group(1)
+            crops = ["identity", f"shift{d},{d}", f"shift-{d},{d}", f"shift{d},-{d}", f"shift-{d},-{d}"]
+        else:
+            out.append(view)
+            continue
+        out.extend([*crops, *(f"{c}+hflip" if c != "identity" else "hflip" for c in crops)])
     return out
 
 

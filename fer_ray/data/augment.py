@@ -28,7 +28,12 @@ class Preprocess(nn.Module):
 
     @classmethod
     def for_model(cls, fer_cfg: dict) -> Preprocess:
-        return cls(fer_cfg["img_size"], fer_cfg["in_chans"], tuple(fer_cfg["mean"]), tuple(fer_cfg["std"]))
+        pre = cls(fer_cfg["img_size"], fer_cfg["in_chans"], tuple(fer_cfg["mean"]), tuple(fer_cfg["std"]))
+        pre.center_crop = fer_cfg.get("input") == "center_crop"
+        return pre
+
+    center_crop = False
+    """Take the center ``img_size`` crop of a larger input instead of resizing it (``TrainConfig.input``)."""
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, H, W]`` (or float ``[B, 1, H, W]``) → float ``[B, 1, H, W]`` in [0, 1]."""
@@ -38,6 +43,9 @@ class Preprocess(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.to_float(images)
+        if self.center_crop and min(x.shape[-2:]) > self.img_size:
+            top, left = (x.shape[-2] - self.img_size) // 2, (x.shape[-1] - self.img_size) // 2
+            x = x[..., top:top + self.img_size, left:left + self.img_size]
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.img_size)
@@ -48,7 +56,9 @@ class Preprocess(nn.Module):
 class Augment(nn.Module):
     """Per-sample random augmentation of float ``[B, 1, H, W]`` batches in [0, 1] (kornia)."""
 
-    def __init__(self, cfg: AugmentConfig):
+    def __init__(self, cfg: AugmentConfig, crop: int = 0):
+        """``crop``: also take a random ``crop``×``crop`` window of every image (``TrainConfig.input:
+        center_crop``), before erasing."""
         super().__init__()
         s = cfg.strength
         ops: list[nn.Module] = []
@@ -60,11 +70,13 @@ class Augment(nn.Module):
                 translate=(cfg.translate * s, cfg.translate * s) if cfg.translate else None,
                 scale=(1 - cfg.scale * s, 1 + cfg.scale * s) if cfg.scale else None,
                 shear=cfg.shear * s if cfg.shear else None,
-                padding_mode="border", p=1.0))
+                padding_mode="border", p=cfg.affine_p))
         if s > 0 and (cfg.brightness or cfg.contrast):
-            ops.append(K.ColorJiggle(brightness=cfg.brightness * s, contrast=cfg.contrast * s, p=1.0))
+            ops.append(K.ColorJiggle(brightness=cfg.brightness * s, contrast=cfg.contrast * s, p=cfg.jitter_p))
         if cfg.resized_crop > 0:  # Augment sees the stored 48×48 faces, before Preprocess resizes them
             ops.append(K.RandomResizedCrop(size=(IMG_SIZE, IMG_SIZE), scale=(0.7, 1.0), p=cfg.resized_crop))
+        if crop:
+            ops.append(K.RandomCrop((crop, crop), p=1.0))
         if cfg.erasing > 0:
             ops.append(K.RandomErasing(scale=(0.02, 0.2), p=cfg.erasing))
         self.ops = nn.Sequential(*ops)

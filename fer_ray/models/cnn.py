@@ -1,9 +1,9 @@
 """Plain and attention CNN family for 48×48 grayscale faces.
 
 Owns ``advanced_emotion_net`` (the project's main CNN), ``advanced_emotion_net_improved``, ``basic_cnn``,
-``basic_cnn_bn`` and ``attention_cnn`` (CBAM after every block). Layers that had a fixed flatten size in the
-published designs sit behind an adaptive pool sized so the FC layer keeps its published width at 48 px while any
-input of 32 px or more still works.
+``basic_cnn_bn``, ``attention_cnn`` (CBAM after every block) and ``vggnet_fer`` (Khaireddin & Chen 2021). Layers
+that had a fixed flatten size in the published designs sit behind an adaptive pool sized so the FC layer keeps its
+published width at its published input size while any input of 32 px or more still works.
 """
 
 from __future__ import annotations
@@ -127,6 +127,28 @@ def basic_cnn_bn(num_classes: int = 7, in_chans: int = 1, img_size: int = 48, dr
                  **kwargs) -> nn.Module:
     """BasicCNN+BN: conv blocks 64-64/128-128/256-256, conv→512, global avg pool, FC 512→256→128, dropout 0.5."""
     return BasicCNNBN(num_classes, in_chans, drop_rate=drop_rate, **kwargs)
+
+
+class VggNet(nn.Module):
+    """Khaireddin & Chen (2021), usef-kh/fer ``models/vgg.py``: four stages of two 3×3 conv-BN-ReLU (64, 128, 256,
+    512) each ending in a 2×2 max-pool, then FC 512·2·2 → 4096 → 4096 → classes with dropout after each hidden FC.
+    At its 40-px input the last pool leaves 2×2, as published; other sizes are average-pooled to 2×2."""
+
+    def __init__(self, num_classes: int = 7, in_chans: int = 1, drop_rate: float = 0.2, hidden: int = 4096):
+        super().__init__()
+        self.features = nn.Sequential(*vgg_blocks(in_chans, ((64, 64), (128, 128), (256, 256), (512, 512))),
+                                      nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), *mlp_head((512 * 2 * 2, hidden, hidden), num_classes, drop_rate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model(in_chans=1, img_size=40)
+def vggnet_fer(num_classes: int = 7, in_chans: int = 1, img_size: int = 40, drop_rate: float = 0.2,
+               **kwargs) -> nn.Module:
+    """VGGNet (Khaireddin & Chen 2021, 73.28 %): 4×2 conv-BN 64-512, FC 2048→4096→4096, dropout 0.2, 40 px crops."""
+    return VggNet(num_classes, in_chans, drop_rate=drop_rate, **kwargs)
 
 
 class ChannelAttention(nn.Module):
