@@ -233,7 +233,8 @@ class Trainer:
         self.model, self.cfg, self.device = model, cfg, device
         module = model.module if hasattr(model, "module") else model
         self.preprocess = Preprocess.for_model(module.fer_cfg).to(device)
-        self.augment = Augment(cfg.augment).to(device)
+        crop = module.fer_cfg["img_size"] if module.fer_cfg.get("input") == "center_crop" else 0
+        self.augment = Augment(cfg.augment, crop=crop).to(device)
         self.optimizer = engine.build_optimizer(cfg, model.parameters())
         self.amp_dtype = engine.autocast_dtype(cfg, device)
         self.scaler = engine.grad_scaler(device, self.amp_dtype)
@@ -541,24 +542,36 @@ def section_throughput(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------------ d. accuracy
 
 
+def recipe_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The recipe's model as the trainer builds it (``fer_ray.loop.build_model``: its input mode included)."""
+    from fer_ray.loop import build_model
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.replace(pretrained=False)).to(device, memory_format=torch.channels_last)
+
+
 def recipe_config(ctx: Context, sweep) -> TrainConfig:
-    """The recipe's ``train`` config run in-process (no DDP workers), with the smoke model if asked."""
-    cfg = sweep.train.replace(num_workers=0)
+    """The recipe's ``train`` config run in-process (no DDP workers), with the smoke model if asked. Its LR
+    schedule becomes a cosine over the epochs that fit the budget (set in ``train_recipe``): a plateau schedule
+    built for 300 epochs would not decay at all in a few minutes."""
+    cfg = sweep.train.replace(num_workers=0, scheduler="cosine")
     model = ctx.args.acc_model or ctx.plan.acc_model
     if model:
         cfg = cfg.replace(model=model)
+    if ctx.args.smoke:  # the CPU smoke checks the path, not the recipe's 10 crops per image
+        cfg = cfg.replace(aug_repeats=min(cfg.aug_repeats, 2))
     return cfg
 
 
 def plan_epochs(ctx: Context, cfg: TrainConfig, x, y, n_train: int, n_val: int, budget: float) -> tuple[int, float]:
     """Epochs that fit ``budget``: time up to 50 steps of a throwaway copy of the model (after 5 warm-up steps)
     and extrapolate to an epoch plus its evaluation (forward only, counted as a third of a training step)."""
-    tr = Trainer(build(cfg.model, ctx.device, cfg.img_size, seed=cfg.seed), cfg, y, ctx.device)
+    tr = Trainer(recipe_model(cfg, ctx.device), cfg, y, ctx.device)
     b = cfg.batch_size
     tr.epoch(x[:5 * b], y[:5 * b], 0)
     probe_steps = min(50, max(1, n_train // b))
     probe = tr.epoch(x[:probe_steps * b], y[:probe_steps * b], 1)
-    per_image = probe["train_time_s"] / max(probe["images"], 1)
+    per_image = probe["train_time_s"] / max(probe["images"] / cfg.aug_repeats, 1)  # per dataset image
     epoch_s = per_image * (n_train + n_val / 3)
     return max(1, int(budget / epoch_s)), epoch_s
 
@@ -571,7 +584,7 @@ def train_recipe(ctx: Context, cfg: TrainConfig, base, splits: dict, labels, bud
     vx, vy = engine.IndexedImages(base, va_idx), labels[va_idx]
     epochs, est = plan_epochs(ctx, cfg, x, y, len(tr_idx), len(va_idx), budget * 0.9)
     cfg = cfg.replace(epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs // 10))
-    tr = Trainer(build(cfg.model, dev, cfg.img_size, seed=cfg.seed), cfg, y, dev)
+    tr = Trainer(recipe_model(cfg, dev), cfg, y, dev)
     sched = engine.build_scheduler(cfg, tr.optimizer)
     history, best, t0 = [], [], time.perf_counter()
     for epoch in range(epochs):
@@ -634,7 +647,9 @@ def section_accuracy(ctx: Context) -> dict:
     labels = torch.from_numpy(data.labels.astype(np.int64)).to(dev)
     run = train_recipe(ctx, cfg, base, splits, labels, args.budget_s)
     pub = torch.from_numpy(splits["public_test"]).to(dev)
-    scores = score_public(ctx, run, base[pub], labels[pub], [str(v) for v in sweep.tta_views])
+    from fer_ray.views import expand_views
+
+    scores = score_public(ctx, run, base[pub], labels[pub], expand_views(sweep.tta_views))
     log("accuracy", f"PublicTest {scores['public_test_acc_tta']:.4f} (TTA), "
                     f"{scores['public_test_acc_snapshot_ensemble']:.4f} (snapshot ensemble)")
     n_ep = len(run["history"])

@@ -155,15 +155,19 @@ def test_distill_student_sits_on_the_leaderboard(evaluated, ray_session):
 
 @pytest.mark.ray
 def test_gpu_recipe_smoke_variant_runs_end_to_end(tmp_path, ray_session):
-    """sweeps/fer2013_gpu_smoke.yaml (the GPU recipe shrunk for a CPU) through sweep, TTA, ensemble and report."""
+    """sweeps/fer2013_gpu_smoke.yaml (both GPU recipes shrunk for a CPU) through sweep, TTA, ensemble and report."""
     from fer_ray.config import load_sweep
     from fer_ray.pipeline import run_all
 
-    gpu, smoke = load_sweep("sweeps/fer2013_gpu.yaml"), load_sweep("sweeps/fer2013_gpu_smoke.yaml")
-    assert (smoke.train.optimizer, smoke.train.lr, smoke.train.momentum) == (gpu.train.optimizer, gpu.train.lr,
-                                                                             gpu.train.momentum)
-    assert set(smoke.search_space["model"]["grid"]) == set(gpu.search_space["model"]["choice"])
+    smoke = load_sweep("sweeps/fer2013_gpu_smoke.yaml")
+    recipes = [load_sweep("sweeps/fer2013_gpu.yaml"), load_sweep("sweeps/fer2013_gpu_resnet18.yaml")]
+    assert set(smoke.search_space["model"]["grid"]) == {r.train.model for r in recipes}
+    for r in recipes:  # the smoke runs what the recipes run: crop mode, optimizer, plateau schedule, TTA policy
+        for key in ("img_size", "input", "optimizer", "momentum", "scheduler", "plateau_factor", "plateau_patience"):
+            assert getattr(smoke.train, key) == getattr(r.train, key), key
+        assert smoke.tta_views == r.tta_views == ["tenshift4"] and r.asha.synchronous and r.train.aug_repeats > 1
     cfg = smoke.replace(data=smoke.data.replace(cache_dir=str(tmp_path / "cache")))
     board = run_all(cfg, tmp_path / "smoke", num_cpus=2)
-    assert set(board.arch) >= {"advanced_emotion_net_improved", "resnet18_fer"}
+    assert set(board.arch) >= {"vggnet_fer", "resnet18_fer"}
     assert (board.kind == "ensemble").any() and board.acc_public_test.notna().all()
+    assert (board.tta_views[board.kind == "model"] == 10).all()
