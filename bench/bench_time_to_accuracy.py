@@ -1,0 +1,111 @@
+"""Benchmark 12: time to accuracy on the real data. A seed-style notebook pipeline (per-image PIL transforms in a
+``DataLoader``, AdvancedEmotionNet, Adam 1e-3, batch 64: what the project's seed notebooks did) trains for a fixed
+wall budget (30 minutes) and records the best validation accuracy it reached; then fer_ray's CPU reference recipe
+(``sweeps/fer2013_cpu.yaml``'s train config, run by ``fer_ray.loop.TrainingRun``: batched uint8 augmentation on the
+device, channels-last) trains until its validation accuracy reaches that figure. Same process, same train/val
+split (fer_ray's: leakage dedup, near-duplicate-grouped val), same machine; wall clock from the first step, data
+already loaded on both sides. The ratio is baseline minutes / fer_ray minutes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from common import emit, parser
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fer_ray.config import load_sweep
+from fer_ray.loop import Hook, TrainingRun
+from fer_ray.models import create_model
+from fer_ray.train import prepare_dataset
+
+REPO_SWEEP = "../sweeps/fer2013_cpu.yaml"
+
+
+class FaceImages(Dataset):
+    """uint8 faces as PIL images through per-image torchvision transforms, as a notebook would."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool):
+        import torchvision.transforms as T
+
+        self.images, self.labels = images, labels
+        aug = [T.RandomHorizontalFlip(), T.RandomRotation(10)] if train else []
+        self.transform = T.Compose([*aug, T.ToTensor(), T.Normalize((0.5,), (0.25,))])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def baseline(images, labels, splits, budget_s: float) -> tuple[float, list[tuple[float, float]]]:
+    """Best val accuracy of the seed-style pipeline within ``budget_s``; (seconds, val acc) after every epoch."""
+    torch.manual_seed(0)
+    model = create_model("advanced_emotion_net")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tr, va = splits["train"], splits["val"]
+    train = DataLoader(FaceImages(images[tr], labels[tr], True), batch_size=64, shuffle=True, num_workers=2,
+                       persistent_workers=True)
+    val = DataLoader(FaceImages(images[va], labels[va], False), batch_size=256, num_workers=2,
+                     persistent_workers=True)
+    curve, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < budget_s:
+        model.train()
+        for x, y in train:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if time.perf_counter() - t0 > budget_s:
+                break
+        model.eval()
+        with torch.inference_mode():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in val)
+        curve.append((time.perf_counter() - t0, correct / len(va)))
+        print(f"[baseline] {curve[-1][0] / 60:.1f} min: val_acc {curve[-1][1]:.4f}", flush=True)
+    return max(a for _, a in curve), curve
+
+
+class StopAt(Hook):
+    def __init__(self, target: float, t0: float, limit_s: float):
+        self.target, self.t0, self.limit_s, self.curve = target, t0, limit_s, []
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        self.curve.append((time.perf_counter() - self.t0, metrics["val_acc"]))
+        print(f"[fer_ray] {self.curve[-1][0] / 60:.1f} min: val_acc {metrics['val_acc']:.4f}", flush=True)
+        run.stop = metrics["val_acc"] >= self.target or self.curve[-1][0] > self.limit_s
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--data", default="../../shared/data/fer2013", help="FER-2013 image folders")
+    p.add_argument("--minutes", type=float, default=30.0, help="the baseline's wall budget")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    sweep = load_sweep(REPO_SWEEP)
+    if args.smoke:  # synthetic faces, seconds of budget: checks the code runs
+        data_cfg = sweep.data.replace(path=None, synthetic_n=300, cache_dir="/tmp/fer_bench_cache")
+        budget, cfg = 8.0, sweep.train.replace(epochs=2, model="basic_cnn")
+    else:
+        data_cfg = sweep.data.replace(path=args.data)
+        budget, cfg = args.minutes * 60, sweep.train
+    data, splits = prepare_dataset(data_cfg)
+    target, base_curve = baseline(data.images, data.labels, splits, budget)
+    arrays = {"images": data.images, "labels": data.labels, "splits": splits}
+    t0 = time.perf_counter()
+    run = TrainingRun(cfg, arrays, torch.device("cpu"))
+    stop = StopAt(target, t0, limit_s=budget)
+    run.fit([stop])
+    reached = next((t for t, a in stop.curve if a >= target), None)
+    emit("time_to_accuracy", {"images_train": len(splits["train"]), "images_val": len(splits["val"]),
+                              "baseline_minutes": budget / 60, "baseline_best_val_acc": target,
+                              "baseline_curve": base_curve, "fer_ray_recipe": "sweeps/fer2013_cpu.yaml train",
+                              "fer_ray_model": cfg.model, "fer_ray_minutes_to_target": None if reached is None
+                              else reached / 60, "fer_ray_curve": stop.curve,
+                              "speedup": None if reached is None else budget / reached, "target": ">= 10x"}, args)
+
+
+if __name__ == "__main__":
+    main()
