@@ -137,5 +137,7 @@ def model_from_checkpoint(ckpt: dict | str | Path, weights: str = "raw") -> nn.M
     if not ckpt.get(key):
         raise CheckpointError(f"checkpoint of {ckpt['arch']} (epoch {ckpt['epoch']}) holds no {weights} weights")
     model = create_model(ckpt["arch"], **ckpt["model_args"])
+    if ckpt["fer_cfg"].get("input"):  # how a face became its input in training (``TrainConfig.input``)
+        model.fer_cfg["input"] = ckpt["fer_cfg"]["input"]
     model.load_state_dict(ckpt[key])
     return model.eval()

@@ -3,7 +3,9 @@
 ``fer-ray demo`` runs everything on the synthetic set; ``sweep`` runs a sweep file end to end (or resumes
 one); ``train`` runs one Ray Train job; ``tta``, ``ensemble`` and ``report`` re-run later stages on an
 existing experiment folder; ``evaluate`` scores it on another dataset; ``distill`` trains a student of one of
-its ensembles; ``models``/``flops`` inspect the registry; ``data`` writes or summarises data.
+its ensembles; ``export`` writes an ensemble or member as a self-contained ONNX/TorchScript bundle, which
+``predict`` runs on images, folders, CSVs and videos and ``serve`` serves over HTTP (Ray Serve); ``models``/``flops``
+inspect the registry; ``data`` writes or summarises data.
 Every ``RESULTS`` argument and ``--out`` take a local path or a storage URI (``s3://bucket/prefix?...``, ``gs://``:
 ``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field.
 """
@@ -155,7 +157,7 @@ def cmd_evaluate(args) -> None:
     from fer_ray.evaluate import evaluate_external
     from fer_ray.report import format_table
 
-    board = evaluate_external(args.results_dir, args.data, name=args.name, fmt=args.format)
+    board = evaluate_external(args.results_dir, args.data, name=args.name, fmt=args.format, class_map=args.class_map)
     print(format_table(board))
 
 
@@ -174,6 +176,40 @@ def cmd_report(args) -> None:
 
     board = report_stage(args.results_dir, args.out)
     print(format_table(board))
+
+
+def cmd_export(args) -> None:
+    from fer_ray.export import export_bundle
+
+    t0 = time.perf_counter()
+    card = export_bundle(args.results_dir, args.out, ensemble=args.ensemble, member=args.member, fmt=args.format)
+    check = card["check"]
+    print(f"wrote {Path(args.out) / card['graph']['file']} ({card['graph']['bytes'] / 1e6:.1f} MB, {card['kind']} "
+          f"{card['name']}: {len(card['members'])} member(s) × {len(card['views'])} view(s), "
+          f"{card['cost']['gmacs_per_image']:.4g} GMACs per face) + model_card.json + README.md "
+          f"in {time.perf_counter() - t0:.1f}s")
+    print(f"checked on {check['images']} synthetic faces: max |Δ prob| {check['max_abs_diff_probs_vs_fer_ray']:.2g} "
+          f"vs fer_ray's TTA + ensemble path, {check['max_abs_diff_probs_vs_torch_graph']:.2g} vs the torch graph")
+    for split, m in card["metrics"].items():
+        print(f"  {split:14s} ({m['role']:6s}) acc {m.get('accuracy', float('nan')):.4f}  macro-F1 "
+              f"{m.get('macro_f1', float('nan')):.4f}  NLL {m.get('nll', float('nan')):.4f}  ECE "
+              f"{m.get('ece', float('nan')):.4f}")
+
+
+def cmd_predict(args) -> None:
+    from fer_ray.predict import run_cli
+
+    run_cli(args.bundle, args.inputs, args.out, threads=args.threads, faces=args.faces, batch=args.batch,
+            every_k=args.every_k, labels=args.labels or bool(args.class_map), class_map=args.class_map,
+            margin=args.margin, progress=not args.no_progress)
+
+
+def cmd_serve(args) -> None:
+    from fer_ray.serve import serve_forever
+
+    serve_forever(args.bundle, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
+                  max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                  batching=not args.no_batching)
 
 
 def cmd_models(args) -> None:
@@ -302,7 +338,9 @@ COMMANDS: dict[str, tuple] = {
                                "as a new report-only split; no retraining, no refitting; the leaderboard gains "
                                "acc_NAME etc.", [
         RESULTS, arg("--data", required=True, help="dataset path (csv, image folders, torchvision layout)"),
-        arg("--name", help="split name (default: ext_<file or folder stem>)"), FORMAT]),
+        arg("--name", help="split name (default: ext_<file or folder stem>)"), FORMAT,
+        arg("--class-map", help="flat <class>/ folders named otherwise: anger=angry,sadness=sad,contempt=drop, or a "
+                                "preset (rafdb: folders 1-7)")]),
     "distill": (cmd_distill, "distil a built ensemble into one student: teacher = the ensemble's TTA logits on the "
                              "train split (from its stored fitted numbers), loss = alpha*T^2*KL + (1-alpha)*CE, "
                              "trained under Ray Train, selected on val, scored with TTA as member distill:<student> "
@@ -318,6 +356,39 @@ COMMANDS: dict[str, tuple] = {
         arg("--name", help="member name suffix (default: the student name)"), NUM_CPUS]),
     "report": (cmd_report, "leaderboard CSV/Markdown + HTML report with plots", [
         RESULTS, arg("--out", help="output folder or URI (default: RESULTS_DIR/report)")]),
+    "export": (cmd_export, "export an ensemble (or one member) as one ONNX/TorchScript graph: uint8 faces [B,48,48] "
+                           "in, probabilities and logits out (TTA views, preprocessing and fitted combiner inside), "
+                           "with model_card.json and README.md", [
+        RESULTS, arg("--ensemble", help="a built ensemble (ensembles/<name>.json)"),
+        arg("--member", help="or one member id (a trial; its stored TTA views averaged)"),
+        arg("--format", default="onnx", choices=["onnx", "torchscript"],
+            help="onnx (run with ONNX Runtime; default) or torchscript (run with torch)"),
+        arg("--out", required=True, help="bundle folder (new, empty, or an earlier bundle, replaced)")]),
+    "predict": (cmd_predict, "run a bundle on images, folders (recursive), a fer2013.csv or videos: one row per face "
+                             "(source, frame, box, 7 probabilities, label, confidence, error)", [
+        arg("bundle", help="a folder written by `fer-ray export`"),
+        arg("inputs", nargs="+", metavar="INPUT", help="image files, folders, fer2013.csv files, video files"),
+        arg("--faces", default="detect", choices=["detect", "whole"],
+            help="detect: find faces with OpenCV's Haar cascade and crop them (default); whole: each image is a face"),
+        arg("--batch", type=int, default=256, help="faces per forward pass (default 256)"),
+        arg("--out", help="preds.csv or preds.parquet (default: CSV on stdout, summary on stderr)"),
+        arg("--every-k", type=int, default=1, help="videos: score every k-th frame (default 1)"),
+        arg("--labels", action="store_true", help="read folders as labelled datasets (train/<class>/ or <class>/): "
+                                                  "adds true_label and prints accuracy, recall, confusion"),
+        arg("--class-map", help="with labelled folders: anger=angry,sadness=sad,contempt=drop, or rafdb (RAF-DB's "
+                                "1..7), fer (0..6); implies --labels"),
+        arg("--margin", type=float, default=0.1, help="detect: share of the face box added on each side (0.1)"),
+        arg("--threads", type=int, help="runtime threads (default: all cores)"),
+        arg("--no-progress", action="store_true", help="no progress bar")]),
+    "serve": (cmd_serve, "serve a bundle over HTTP with Ray Serve: POST /predict with an image (raw bytes, multipart "
+                         "files, or JSON faces), JSON probabilities back; dynamic batching", [
+        arg("bundle", help="a folder written by `fer-ray export`"),
+        arg("--port", type=int, default=8000), arg("--host", default="127.0.0.1",
+                                                     help="address to bind (default 127.0.0.1: this machine only)"),
+        arg("--replicas", type=int, default=1, help="model replicas (each asks for a GPU when the cluster has one)"),
+        arg("--max-batch-size", type=int, default=32, help="dynamic batching: most faces per batch (32)"),
+        arg("--batch-wait-ms", type=float, default=5.0, help="dynamic batching: longest wait for a batch to fill"),
+        arg("--no-batching", action="store_true", help="score each request on its own"), NUM_CPUS]),
     "models": (cmd_models, "list registered models", [arg("pattern", nargs="?", default="*")]),
     "flops": (cmd_flops, "params and GMACs (fvcore) of a model", [arg("model"), arg("--img-size", type=int)]),
     "data": (cmd_data, "write the synthetic set, or load, check or report on a dataset", {

@@ -1,6 +1,7 @@
 """Scoring a finished experiment on another dataset: a new report-only split, with no retraining and no refitting.
 
-``evaluate_external`` owns this: it loads any dataset the loaders read (``fer_ray.data.ingest.load_dataset``);
+``evaluate_external`` owns this: it loads any dataset the loaders read (``fer_ray.data.ingest.load_dataset``,
+including a flat ``<class>/`` folder layout such as CK+ or JAFFE, with a class map renaming or dropping folders);
 every image, whatever its ``Usage``, becomes one new split ``NAME`` (default ``ext_<stem of the path>``) with role
 ``report`` in ``split_roles.json``, so nothing is ever selected or fitted on it (``check_role`` refuses). Every
 stored member (sweep trials and distilled students) is scored from its verified checkpoint with the TTA views it
@@ -103,13 +104,16 @@ def rebuild_ensembles(exp: Experiment, name: str) -> dict[str, dict]:
     return out
 
 
-def register_split(exp: Experiment, name: str, data: FERData, source: str, fmt: str) -> None:
-    """Record ``name`` as a ``report`` split in ``split_roles.json`` and its source under ``external`` in data.json."""
+def register_split(exp: Experiment, name: str, data: FERData, source: str, fmt: str,
+                   class_map: str | None = None) -> None:
+    """Record ``name`` as a ``report`` split in ``split_roles.json`` and its source (with its class map, if any)
+    under ``external`` in data.json."""
     exp.write_roles(exp.roles() | {name: "report"})
     info = exp.data_info()
     info.setdefault("external", {})[name] = {
         "source": source, "format": fmt, "n": len(data),
-        "class_counts": np.bincount(data.labels, minlength=len(CLASSES)).tolist()}
+        "class_counts": np.bincount(data.labels, minlength=len(CLASSES)).tolist(),
+        **({"class_map": class_map} if class_map else {})}
     exp.write_data_info(info)
 
 
@@ -118,23 +122,29 @@ def external_splits(exp: Experiment) -> dict[str, dict]:
     return exp.data_info().get("external", {})
 
 
-def load_external(exp: Experiment, source: str, fmt: str = "auto") -> FERData:
-    """Every image of ``source`` (all usages), read through the experiment's data cache."""
+def load_external(exp: Experiment, source: str, fmt: str = "auto", class_map: str | None = None) -> FERData:
+    """Every image of ``source`` (all usages), read through the experiment's data cache. ``class_map`` (image
+    folders): default the one recorded in data.json for an external split read from ``source``."""
     from fer_ray.data.ingest import load_dataset
 
-    return load_dataset(source, fmt=fmt, cache_dir=exp.sweep().data.cache_dir)
+    if class_map is None:
+        class_map = next((m.get("class_map") for m in external_splits(exp).values() if m.get("source") == source),
+                         None)
+    return load_dataset(source, fmt=fmt, cache_dir=exp.sweep().data.cache_dir, class_map=class_map)
 
 
 def evaluate_external(exp: Experiment | str, data_path: str | Path, name: str | None = None, fmt: str = "auto",
-                      progress: bool = True) -> pd.DataFrame:
+                      progress: bool = True, class_map: str | None = None) -> pd.DataFrame:
     """Score every stored member and ensemble of an experiment on another dataset; rewrite the report.
 
     Args:
         exp: The experiment (``results/<name>``, or its URI).
         data_path: Any dataset ``load_dataset`` reads; all of its images form the new split.
         name: Split name (default ``default_split_name(data_path)``); must not clash with the run's own splits.
-        fmt: ``auto``, ``csv``, ``folders`` or ``torchvision``.
+        fmt: ``auto``, ``csv``, ``folders`` (Kaggle or flat ``<class>/`` layout) or ``torchvision``.
         progress: Print one line per scored member.
+        class_map: Image folders: ``anger=angry,sadness=sad,contempt=drop`` or a preset (``rafdb``); see
+            ``fer_ray.data.ingest.parse_class_map``. Recorded in data.json.
 
     Returns:
         The rewritten leaderboard (``report/leaderboard.csv``).
@@ -146,8 +156,8 @@ def evaluate_external(exp: Experiment | str, data_path: str | Path, name: str | 
     exp = as_experiment(exp)
     name = name or default_split_name(data_path)
     _check_name(exp, name, exp.roles(), external_splits(exp))
-    data = load_external(exp, str(data_path), fmt)
-    register_split(exp, name, data, str(Path(data_path).absolute()), fmt)  # role first: never selectable
+    data = load_external(exp, str(data_path), fmt, class_map or "")
+    register_split(exp, name, data, str(Path(data_path).absolute()), fmt, class_map)  # role first: never selectable
     score_members(exp, data, name, member_table(exp), progress=progress)
     rebuild_ensembles(exp, name)
     board = leaderboard(exp)

@@ -189,7 +189,8 @@ def _confusion_figure(exp: Experiment, board: pd.DataFrame, plt, split: str):
     cm = counts / counts.sum(1, keepdims=True).clip(min=1)
     a1.imshow(cm, cmap="Blues", vmin=0, vmax=1)
     a1.set(xticks=range(7), yticks=range(7), xticklabels=CLASSES, yticklabels=CLASSES, xlabel="predicted",
-           ylabel="true", title=f"{best['name']} on {split} (row-normalised; n = {len(ls[split].labels)})")
+           ylabel="true", title=f"{best['name']} on {split}\n(row-normalised; n = {len(ls[split].labels)})")
+    a1.title.set_fontsize(9)
     a1.tick_params(axis="x", rotation=45)
     for i in range(7):
         for j in range(7):
@@ -200,7 +201,8 @@ def _confusion_figure(exp: Experiment, board: pd.DataFrame, plt, split: str):
     for bar, r, ok, n in zip(bars, recall, present, counts.sum(1)):
         a2.annotate(f"{r:.2f}\n(n={int(n)})" if ok else "n/a", (bar.get_x() + bar.get_width() / 2, r),
                     ha="center", va="bottom", fontsize=7)
-    a2.set(ylim=(0, 1.15), title=f"per-class recall ({split}; n/a: no image of that class)")
+    a2.set(ylim=(0, 1.15), title=f"per-class recall on {split}\n(n/a: no image of that class)")
+    a2.title.set_fontsize(9)
     a2.tick_params(axis="x", rotation=45)
     return fig
 

@@ -41,3 +41,29 @@ def test_center_crop_models_train_on_random_crops_and_evaluate_the_center():
     assert model(x).shape == (4, 7)
     resize = Preprocess.for_model(build_model(TrainConfig(model="vggnet_fer", img_size=40)).fer_cfg)
     assert not torch.allclose(resize(faces), x), "the default input mode resizes"
+
+
+def test_the_input_mode_survives_the_checkpoint_and_the_export(tmp_path):
+    """A center-crop model rebuilt from its checkpoint (what TTA, evaluate and export load) still center-crops, and
+    its exported ONNX graph gives the eager numbers."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fer_ray.checkpoint import make_payload, model_from_checkpoint, write_checkpoint
+    from fer_ray.export import MemberNet
+    from fer_ray.tta import tta_logits
+
+    cfg = TrainConfig(model="basic_cnn", img_size=40, input="center_crop")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = write_checkpoint(tmp_path, make_payload(model, 1, dict(cfg.to_dict(), in_chans=1), {}))
+    rebuilt = model_from_checkpoint(str(path))
+    assert rebuilt.fer_cfg["input"] == "center_crop"
+    faces = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8)
+    eager = tta_logits(rebuilt, faces, ["identity"])[0]
+    assert torch.allclose(eager, model(faces[:, None, 4:44, 4:44].float().div(255).sub(0.5).div(0.25)), atol=1e-4)
+    net = MemberNet(rebuilt).eval()
+    torch.onnx.export(net, (faces[:, None].float() / 255,), tmp_path / "m.onnx", dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": faces[:, None].float().numpy() / 255})[0]
+    assert np.abs(out - eager.numpy()).max() < 1e-4

@@ -14,8 +14,11 @@ Formats (``fmt``):
   case-insensitively after trimming spaces; ``Usage`` may be absent, then every row is ``Training``).
   ids are ``row:<line>``, the 1-based physical line number (the header is line 1).
 * ``folders``: Kaggle image folders ``<root>/train/<class>/*``, ``<root>/test/<class>/*`` and optionally
-  ``<root>/val/<class>/*``. Split and class folder names are matched case-insensitively; class names come
-  from ``CLASSES``. Any image size or mode is converted to 48x48 ``L`` (``convert("L")`` then a bilinear
+  ``<root>/val/<class>/*``, or a flat ``<root>/<class>/*`` layout (CK+, JAFFE, RAF-DB, a user's photos: every
+  image ``PublicTest`` unless its name has a usage prefix). Split and class folder names are matched
+  case-insensitively; class names come from ``CLASSES``, or from ``class_map`` (``anger=angry,sadness=sad,
+  contempt=drop``; presets ``rafdb`` for RAF-DB's numbered ``1..7`` folders and ``fer`` for ``0..6``), which may
+  also drop folders. Any image size or mode is converted to 48x48 ``L`` (``convert("L")`` then a bilinear
   resize). The official usage comes from the file-name prefix ``Training_``/``PublicTest_``/``PrivateTest_``
   when present (it wins over the folder); otherwise ``train/`` is Training, ``val/`` is PublicTest, and
   ``test/`` is PublicTest, or PrivateTest when a ``val/`` folder exists (train/val/test layouts put the final
@@ -27,7 +30,8 @@ Formats (``fmt``):
   PublicTest; skipped with a warning when it has no labels). ids are ``<file relative to root>:row:<line>``.
 * ``auto``: a file is ``csv``; a directory with ``train/``/``test/`` sub-folders is ``folders``; one with
   ``train.csv``/``test.csv``/``icml_face_data.csv`` (directly or under ``fer2013/``) is ``torchvision``; a
-  directory whose ``fer2013/`` holds ``train/``/``test/`` folders is ``folders`` rooted there.
+  directory whose ``fer2013/`` holds ``train/``/``test/`` folders is ``folders`` rooted there; else a directory
+  whose sub-folders hold images is the flat ``folders`` layout.
 
 Validation raises ``DataError`` with one line: the file, the 1-based line (or the image path), the problem and
 the fix. CSV rows are validated vectorised (pyarrow reads the columns, numpy parses the pixel bytes); only the
@@ -52,12 +56,14 @@ from fer_ray.data.dataset import DataError, FERData
 from fer_ray.data.ingest.cache import FORMAT_VERSION, cache_path, read_cache, write_cache
 from fer_ray.data.ingest.common import BAD_ROW_MODES, N_PIXELS, RUN_SPLITS, IngestReport, Source, require_splits
 from fer_ray.data.ingest.csv import HEADER, CsvSource
-from fer_ray.data.ingest.folders import IMAGE_SUFFIXES, FolderSource, split_dirs
+from fer_ray.data.ingest.folders import CLASS_MAP_PRESETS, IMAGE_SUFFIXES, FolderSource, flat_class_dirs, split_dirs
+from fer_ray.data.ingest.folders import parse_class_map as parse_class_map
 from fer_ray.data.ingest.torchvision import TV_FILES, TorchvisionSource
 from fer_ray.names import FORMATS
 
-__all__ = ["BAD_ROW_MODES", "FORMAT_VERSION", "HEADER", "IMAGE_SUFFIXES", "N_PIXELS", "RUN_SPLITS", "DataError",
-           "IngestReport", "detect_format", "load_dataset", "load_dataset_with_report", "require_splits"]
+__all__ = ["BAD_ROW_MODES", "CLASS_MAP_PRESETS", "FORMAT_VERSION", "HEADER", "IMAGE_SUFFIXES", "N_PIXELS",
+           "RUN_SPLITS", "DataError", "IngestReport", "detect_format", "labelled_files", "load_dataset",
+           "load_dataset_with_report", "parse_class_map", "require_splits"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ _SOURCES: dict[str, type[Source]] = {"csv": CsvSource, "folders": FolderSource, 
 
 
 def load_dataset(path: str | Path, fmt: str = "auto", cache_dir: str | Path | None = None,
-                 on_bad_row: str = "error") -> FERData:
+                 on_bad_row: str = "error", class_map: str | dict | None = None) -> FERData:
     """Load FER-2013 from ``path`` into validated arrays.
 
     Args:
@@ -74,6 +80,7 @@ def load_dataset(path: str | Path, fmt: str = "auto", cache_dir: str | Path | No
         fmt: ``"auto"``, ``"csv"``, ``"folders"`` or ``"torchvision"`` (see the module docstring).
         cache_dir: Directory for the parquet cache; ``None`` disables caching.
         on_bad_row: ``"error"`` raises on the first bad row/image; ``"skip"`` drops bad ones and logs a warning.
+        class_map: Image folders only: class-folder renames and drops (``parse_class_map``).
 
     Returns:
         The dataset; ``load_dataset_with_report`` also returns the skipped count and cache details.
@@ -81,11 +88,12 @@ def load_dataset(path: str | Path, fmt: str = "auto", cache_dir: str | Path | No
     Raises:
         DataError: Missing or malformed input; the message names the file, line or image and the fix.
     """
-    return load_dataset_with_report(path, fmt, cache_dir, on_bad_row)[0]
+    return load_dataset_with_report(path, fmt, cache_dir, on_bad_row, class_map)[0]
 
 
 def load_dataset_with_report(path: str | Path, fmt: str = "auto", cache_dir: str | Path | None = None,
-                             on_bad_row: str = "error") -> tuple[FERData, IngestReport]:
+                             on_bad_row: str = "error", class_map: str | dict | None = None
+                             ) -> tuple[FERData, IngestReport]:
     """Like ``load_dataset`` but also returns an ``IngestReport`` (skipped rows, cache hit, timing).
 
     Args:
@@ -93,6 +101,7 @@ def load_dataset_with_report(path: str | Path, fmt: str = "auto", cache_dir: str
         fmt: ``"auto"``, ``"csv"``, ``"folders"`` or ``"torchvision"``.
         cache_dir: Directory for the parquet cache; ``None`` disables caching.
         on_bad_row: ``"error"`` or ``"skip"``.
+        class_map: Image folders only: class-folder renames and drops (``parse_class_map``).
 
     Returns:
         ``(data, report)``.
@@ -110,7 +119,7 @@ def load_dataset_with_report(path: str | Path, fmt: str = "auto", cache_dir: str
         root = Path(path)
     else:
         raise ValueError(f"fmt must be 'auto' or one of {FORMATS}, got {fmt!r}")
-    source = _SOURCES[fmt](root)
+    source = _source(fmt, root, class_map)
     report = IngestReport(source=root, fmt=fmt)
     if cache_dir is not None:
         report.cache_path = cache_path(cache_dir, fmt, on_bad_row, source)
@@ -156,8 +165,34 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
             return "torchvision", p
     if (p / "fer2013").is_dir() and split_dirs(p / "fer2013"):
         return "folders", p / "fer2013"
-    raise DataError(f"{p}: cannot detect the dataset format: no train/ or test/ image folders and no "
-                    f"{', '.join(TV_FILES)} (also looked in {p / 'fer2013'}); pass fmt= or a fer2013.csv path")
+    if flat_class_dirs(p):
+        return "folders", p
+    raise DataError(f"{p}: cannot detect the dataset format: no train/ or test/ image folders, no class folders "
+                    f"holding images and no {', '.join(TV_FILES)} (also looked in {p / 'fer2013'}); pass fmt= or a "
+                    "fer2013.csv path")
+
+
+def _source(fmt: str, root: Path, class_map: str | dict | None) -> Source:
+    """The reader of ``fmt`` at ``root``; a class map is for image folders only."""
+    if fmt == "folders":
+        return FolderSource(root, class_map)
+    if class_map:
+        raise DataError(f"{root}: a class map applies to image-folder layouts only, not to fmt={fmt!r}")
+    return _SOURCES[fmt](root)
+
+
+def labelled_files(path: str | Path, class_map: str | dict | None = None) -> list[tuple[str, int]]:
+    """``(image path, class index)`` of every image of an image-folder dataset (Kaggle or flat ``<class>/``
+    layout, ``class_map`` applied), in id order, without decoding them (``fer-ray predict --labels``).
+
+    Raises:
+        DataError: ``path`` is not an image-folder dataset, or has an unknown class folder (one line).
+    """
+    fmt, root = detect_format(path)
+    if fmt != "folders":
+        raise DataError(f"{path}: labels are read from image-folder layouts (<class>/ or train/<class>/); this is "
+                        f"{fmt!r}")
+    return FolderSource(root, class_map).labelled_files()
 
 
 def _finish(report: IngestReport, data: FERData, t0: float) -> IngestReport:

@@ -1,0 +1,112 @@
+"""``fer-ray serve``: the Ray Serve deployment answers real HTTP requests on 127.0.0.1 (an image as the body,
+multipart files, JSON faces; one at a time and 24 at once from threads) with the probabilities ``predict`` gives
+for the same images, refuses malformed requests with a 400, and shuts down."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_ray.bundle import load_bundle
+from fer_ray.data import synthetic
+from fer_ray.predict import PROB_COLUMNS, predict
+
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes, ctype: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def png(face: np.ndarray, scale: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(face, np.ones((scale, scale), np.uint8))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def multipart(files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+             f"Content-Type: image/png\r\n\r\n".encode() + blob + b"\r\n" for name, blob in files.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, ray_session):
+    from test_export import make_experiment
+
+    from fer_ray import serve as fer_serve
+    from fer_ray.export import export_bundle
+
+    root = tmp_path_factory.mktemp("serve")
+    exp = make_experiment(root / "exp", members=[("basic_cnn", 48, 1)], views=["identity", "hflip"], n=160)
+    export_bundle(exp, root / "bundle", member="m0")
+    url = fer_serve.start(root / "bundle", port=free_port(), max_batch_size=8, batch_wait_ms=10)
+    assert url.startswith("http://127.0.0.1:")
+    yield url, root / "bundle", root
+    fer_serve.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url + "/", timeout=5)
+
+
+def test_http_answers_equal_predict(server):
+    url, bundle_dir, root = server
+    faces = synthetic.generate(24, seed=9).images
+    for i, f in enumerate(faces):
+        (root / f"{i:02d}.png").write_bytes(png(f, scale=2))
+    want = predict(load_bundle(bundle_dir), [root / f"{i:02d}.png" for i in range(24)], faces="whole",
+                   progress=False)[PROB_COLUMNS].to_numpy(float)
+
+    def ask(i: int) -> np.ndarray:
+        code, body = post(url + "/predict", (root / f"{i:02d}.png").read_bytes(), "image/png")
+        assert code == 200 and body["results"][0]["source"] == "body"
+        return np.array(list(body["results"][0]["probs"].values()))
+
+    np.testing.assert_allclose(ask(0), want[0], atol=1e-6)  # one request
+    with ThreadPoolExecutor(8) as pool:  # 24 at once: dynamic batching puts them in shared batches
+        got = np.stack(list(pool.map(ask, range(24))))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+    body, ctype = multipart({f"{i:02d}.png": (root / f"{i:02d}.png").read_bytes() for i in range(5)})
+    code, out = post(url + "/predict", body, ctype)
+    assert code == 200 and [r["source"] for r in out["results"]] == [f"{i:02d}.png" for i in range(5)]
+    np.testing.assert_allclose([list(r["probs"].values()) for r in out["results"]], want[:5], atol=1e-6)
+    code, out = post(url + "/predict", json.dumps({"faces": faces[:3].tolist()}).encode(), "application/json")
+    assert code == 200 and out["classes"][3] == "happy"
+    direct = load_bundle(bundle_dir).predict(faces[:3])[0]
+    np.testing.assert_allclose([list(r["probs"].values()) for r in out["results"]], direct, atol=1e-6)
+    assert [r["label"] for r in out["results"]] == [out["classes"][k] for k in direct.argmax(1)]
+
+
+def test_bad_requests_are_400s(server):
+    url, _, _ = server
+    assert post(url + "/predict", b"", "image/png")[0] == 400
+    code, out = post(url + "/predict", b"not an image", "image/png")
+    assert code == 200 and out["results"][0]["error"].startswith("cannot decode image")
+    code, out = post(url + "/predict", json.dumps({"faces": [[1, 2, 3]]}).encode(), "application/json")
+    assert code == 400 and "48x48" in out["error"]
+    assert post(url + "/predict?faces=sideways", png(np.zeros((48, 48), np.uint8)), "image/png")[0] == 400
+    assert post(url + "/nothing", b"x", "image/png")[0] == 404
+    with urllib.request.urlopen(url + "/", timeout=30) as r:
+        info = json.loads(r.read())
+    assert info["model"] == "m0" and info["batching"] is True
