@@ -1,4 +1,4 @@
-"""Benchmark 12: time to accuracy on the real data. A seed-style notebook pipeline (per-image PIL transforms in a
+"""Benchmark 14: time to accuracy on the real data. A seed-style notebook pipeline (per-image PIL transforms in a
 ``DataLoader``, AdvancedEmotionNet, Adam 1e-3, batch 64: what the project's seed notebooks did) trains for a fixed
 wall budget (30 minutes) and records the best validation accuracy it reached; then fer_ray's CPU reference recipe
 (``sweeps/fer2013_cpu.yaml``'s train config, run by ``fer_ray.loop.TrainingRun``: batched uint8 augmentation on the
