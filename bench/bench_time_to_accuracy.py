@@ -9,6 +9,7 @@ already loaded on both sides. The ratio is baseline minutes / fer_ray minutes.""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from fer_ray.loop import Hook, TrainingRun
 from fer_ray.models import create_model
 from fer_ray.train import prepare_dataset
 
-REPO_SWEEP = "../sweeps/fer2013_cpu.yaml"
+REPO = Path(__file__).resolve().parent.parent
+REPO_SWEEP = REPO / "sweeps" / "fer2013_cpu.yaml"
+REAL = REPO.parent / "shared" / "data" / "fer2013"
 
 
 class FaceImages(Dataset):
@@ -80,7 +83,7 @@ class StopAt(Hook):
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--data", default="../../shared/data/fer2013", help="FER-2013 image folders")
+    p.add_argument("--data", default=str(REAL), help="FER-2013 image folders (default: ../shared/data/fer2013)")
     p.add_argument("--minutes", type=float, default=30.0, help="the baseline's wall budget")
     args = p.parse_args()
     torch.set_num_threads(2)
