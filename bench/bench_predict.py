@@ -29,11 +29,12 @@ from fer_ray.ensemble import EnsembleSpec, apply_fitted, run_ensemble
 from fer_ray.experiment import Experiment
 from fer_ray.export import export_bundle, load_models, plan_ensemble, reference_outputs
 from fer_ray.flops import count_gmacs, count_params
+from fer_ray.inference import fill_store
 from fer_ray.metrics import softmax
 from fer_ray.models import create_model
 from fer_ray.predict import PROB_COLUMNS, predict
 from fer_ray.sweep import write_setup
-from fer_ray.tta import fill_store, parse_view
+from fer_ray.tta import parse_view
 
 MEMBERS = [("basic_cnn", 48), ("basic_cnn", 32), ("baseline_cnn_v1", 40)]
 VIEWS = ["identity", "hflip"]

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fer_ray.names import DEDUP_MODES, FORMATS, path_name_problem
+from fer_ray.names import DEDUP_MODES, FORMATS, GPU_MEMORY_GB, path_name_problem
 
 
 class ConfigError(ValueError):
@@ -332,13 +332,11 @@ class PlacementRule(_Config):
     accelerator_type: list[str] | str | None = None
     """Allowed Ray accelerator types (``A100``, ``GeForce-RTX-3090``), in order of preference; ``None``: any."""
     min_gpu_memory_gb: float | None = None
-    """Keep only types whose memory (``fer_ray.placement.GPU_MEMORY_GB``) is at least this many GB."""
+    """Keep only types whose memory (``fer_ray.names.GPU_MEMORY_GB``) is at least this many GB."""
     batch_size_cap: dict[str, int] = field(default_factory=dict)
     """Accelerator type → largest per-GPU batch on it; workers there train with min(batch_size, cap × workers)."""
 
     def __post_init__(self) -> None:
-        from fer_ray.placement import GPU_MEMORY_GB
-
         if isinstance(self.accelerator_type, str):
             self.accelerator_type = [self.accelerator_type]
         types = self.accelerator_type
@@ -361,8 +359,6 @@ class PlacementRule(_Config):
         """The allowed accelerator types after the memory rule, ``None`` for any."""
         if self.min_gpu_memory_gb is None:
             return self.accelerator_type
-        from fer_ray.placement import GPU_MEMORY_GB
-
         return [t for t in self.accelerator_type or list(GPU_MEMORY_GB) if GPU_MEMORY_GB[t] >= self.min_gpu_memory_gb]
 
     def merged(self, default: PlacementRule | None) -> PlacementRule:

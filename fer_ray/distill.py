@@ -29,11 +29,11 @@ from fer_ray.data import FERData
 from fer_ray.data.dataset import fingerprint
 from fer_ray.ensemble import apply_fitted, reproduce_ensemble
 from fer_ray.experiment import Experiment, as_experiment
+from fer_ray.inference import fill_store
 from fer_ray.models import check_model_names
 from fer_ray.names import path_name_problem
 from fer_ray.report import leaderboard, member_table, write_report
 from fer_ray.store import StoreError, logit_table, read_logits
-from fer_ray.tta import fill_store
 
 TEACHER_CHECK_ATOL = 1e-3
 """Largest |difference| allowed between rebuilt and stored ensemble logits on ``val`` (batched float32 noise)."""

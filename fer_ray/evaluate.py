@@ -25,11 +25,11 @@ from fer_ray.config import ConfigError
 from fer_ray.data import CLASSES, SPLITS, FERData
 from fer_ray.ensemble import reproduce_ensemble
 from fer_ray.experiment import Experiment, as_experiment
+from fer_ray.inference import fill_store
 from fer_ray.metrics import classification_metrics
 from fer_ray.names import path_name_problem
 from fer_ray.report import leaderboard, member_table, write_report
 from fer_ray.store import read_logits, write_logits
-from fer_ray.tta import fill_store
 
 
 def default_split_name(path: str | Path) -> str:

@@ -11,16 +11,21 @@ serial path, and the reference the tests compare against) gives the same numbers
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fer_ray import engine
 from fer_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from fer_ray.config import TrainConfig
+from fer_ray.data import FERData
+from fer_ray.tta import inference_model, tta_logits
+from fer_ray.views import expand_views
 
 
 @dataclass
@@ -50,8 +55,6 @@ def task_resources(cfg: TrainConfig, cluster_cpus: float | None = None) -> dict[
 def score_checkpoint(location: str, images: np.ndarray, index: dict[str, np.ndarray], views: Sequence[str],
                      device: str = "cpu", batch_size: int = 256, weights: str = "raw") -> dict:
     """``{"logits": {split: [V, N, C] float32}, "epoch": int, "seconds": float}`` for the checkpoint at ``location``."""
-    from fer_ray.tta import inference_model, tta_logits
-
     t0 = time.perf_counter()
     ckpt = load_checkpoint(location)
     dev = torch.device(device)
@@ -97,3 +100,68 @@ def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         yield pending.pop(done[0]), ray.get(done[0])
+
+
+def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequence[str], roles: dict[str, str],
+               trials: pd.DataFrame | None = None, progress: bool = True, on_ray: bool = True) -> list[str]:
+    """Store TTA logits of each trial's best checkpoint (``trials``: default the experiment's ``trials.parquet``)
+    for every split in ``roles`` except ``fit`` ones, as Ray tasks (``score_checkpoints``); returns the store files.
+
+    A (trial, split) already stored with the same checkpoint sha256 and views is kept as it is.
+    """
+    from fer_ray.checkpoint import checkpoint_sha256
+    from fer_ray.experiment import as_experiment
+    from fer_ray.store import write_logits
+
+    exp = as_experiment(exp)
+    asked = expand_views(views)
+    trials = exp.trials() if trials is None else trials
+    scored = [s for s, r in roles.items() if r != "fit" and s in splits]
+    jobs, rows, written = [], [], []
+    kept_views = _ensemble_views(exp)
+    for row in trials.itertuples():
+        sha = checkpoint_sha256(row.checkpoint)
+        # The store keeps the views every built ensemble of this member uses, so re-scoring with other views
+        # never leaves an ensemble unreproducible.
+        views = asked + [v for v in kept_views.get(row.trial_id, []) if v not in asked]
+        need = [s for s in scored if not _is_current(exp, row.trial_id, s, sha, views)]
+        written += [exp.logits_rel(row.trial_id, s) for s in scored if s not in need]
+        if need:
+            jobs.append(ScoreJob(row.checkpoint, json.loads(row.config), {s: splits[s] for s in need},
+                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)", views,
+                                 weights=getattr(row, "weights", None) or "raw"))
+            rows.append((row, sha))
+    for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, on_ray=on_ray), 1):
+        row, sha, views = *rows[i], jobs[i].views
+        for split, logits in res["logits"].items():
+            idx = splits[split]
+            meta = {"member": row.trial_id, "arch": row.arch, "img_size": int(row.img_size),
+                    "in_chans": int(row.in_chans), "params": int(row.params), "gmacs_per_view": float(row.gmacs),
+                    "checkpoint": row.checkpoint, "checkpoint_sha256": sha, "epoch": res["epoch"],
+                    "weights": jobs[i].weights,
+                    "split": split, "role": roles[split], "views": list(views), "config": json.loads(row.config)}
+            write_logits(exp, row.trial_id, split, logits, data.labels[idx], data.ids[idx].astype(str), views, meta)
+            written.append(exp.logits_rel(row.trial_id, split))
+        if progress:
+            print(f"[tta] {n}/{len(jobs)} {jobs[i].label}: {len(views)} views × {', '.join(res['logits'])} "
+                  f"({res['seconds']:.1f}s)", flush=True)
+    return written
+
+
+def _ensemble_views(exp) -> dict[str, list[str]]:
+    """Member → the views of every built ensemble that uses it (in first-seen order)."""
+    out: dict[str, list[str]] = {}
+    for name in exp.ensemble_names():
+        info = exp.ensemble(name)
+        for m in info["members"]:
+            out.setdefault(m, []).extend(v for v in info["views"] if v not in out.get(m, []))
+    return out
+
+
+def _is_current(exp, member: str, split: str, sha: str, views: Sequence[str]) -> bool:
+    from fer_ray.store import read_meta
+
+    if not exp.has_logits(member, split):
+        return False
+    meta = read_meta(exp, member, split)
+    return meta.get("checkpoint_sha256") == sha and list(meta.get("views", [])) == list(views)

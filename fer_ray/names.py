@@ -1,5 +1,6 @@
 """The project's fixed vocabularies, one home each: classes, official usages, run splits and their roles, data
-formats and duplicate-removal modes. Torch-free and import-free, so the config leaf and every layer can use them."""
+formats, duplicate-removal modes and known GPU memory sizes. Torch-free and import-free, so the config leaf and
+every layer can use them."""
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 """FER-2013's seven expressions, in label order (label k is ``CLASSES[k]``)."""
@@ -27,3 +28,7 @@ def path_name_problem(name: object) -> str | None:
     if not isinstance(name, str) or not re.fullmatch(PATH_NAME, name) or name in (".", ".."):
         return f"{name!r} cannot be a file name: use letters, digits, '.', '_' and '-' (not '.' or '..')"
     return None
+
+GPU_MEMORY_GB = {"A100": 40, "A100-80G": 80, "H100": 80, "L4": 24, "T4": 16, "V100": 16, "GeForce-RTX-3090": 24,
+                 "GeForce-GTX-1080-Ti": 11, "A10G": 24}
+"""Memory of known GPUs, by Ray accelerator type name (Ray names every A100 ``A100``: 40 GB is the safe side)."""

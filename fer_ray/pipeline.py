@@ -14,11 +14,11 @@ from fer_ray.config import SweepConfig
 from fer_ray.data.dataset import fingerprint
 from fer_ray.ensemble import EnsembleSpec, run_ensemble
 from fer_ray.experiment import Experiment, as_experiment
+from fer_ray.inference import fill_store
 from fer_ray.report import format_table, leaderboard, write_report
 from fer_ray.sweep import run_sweep
 from fer_ray.tracking import log_summary
 from fer_ray.train import prepare_dataset
-from fer_ray.tta import fill_store
 
 
 def tta_stage(exp: Experiment | str, views: list[str] | None = None, prepared: tuple | None = None) -> list[str]:

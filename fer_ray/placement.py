@@ -7,7 +7,7 @@ mix), and ``STRICT_PACK`` rules out multi-node DDP. So each trial pins one type 
 trial starts (``place``):
 
 1. Candidates: the arch's rule in ``SweepConfig.placement`` (``placement[model]``, fields it leaves out taken from
-   ``placement.default``): its ``accelerator_type`` list, less types whose ``GPU_MEMORY_GB`` is below
+   ``placement.default``): its ``accelerator_type`` list, less types whose ``fer_ray.names.GPU_MEMORY_GB`` is below
    ``min_gpu_memory_gb``. Without a rule: every GPU type in the cluster, and no pin for single-GPU trials or
    clusters with fewer than two types (nothing to mix).
 2. Among candidates present in the cluster (``accelerator_type:*`` node resources), the one with the most free
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESOURCE_PREFIX = "accelerator_type:"
-GPU_MEMORY_GB = {"A100": 40, "A100-80G": 80, "H100": 80, "L4": 24, "T4": 16, "V100": 16, "GeForce-RTX-3090": 24,
-                 "GeForce-GTX-1080-Ti": 11, "A10G": 24}
-"""Memory of known GPUs, by Ray accelerator type name (Ray names every A100 ``A100``: 40 GB is the safe side)."""
 
 
 def gpus_by_type(total: dict[str, dict], free: dict[str, dict]) -> dict[str, tuple[float, float]]:

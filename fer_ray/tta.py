@@ -4,29 +4,25 @@ A view is a deterministic transform of the float ``[B, 1, 48, 48]`` batch, named
 of ``fer_ray.views`` (``identity``, ``hflip``, ``rot10``, ``shift2,0``, ``scale1.1``, ``crop40c``, ``hflip+rot10``;
 ``tencrop40`` in a policy); ``parse_view`` builds it from the parsed steps. All views of a batch are stacked and
 go through the model as one forward pass, on an inference copy of the model (channels-last, conv+BN folded:
-``inference_model``). ``fill_store`` scores each trial's best checkpoint once per (split, policy) as Ray tasks on
-the cluster (``fer_ray.inference``) and writes the experiment's ``logits/<trial_id>/<split>.parquet``; stored files
-with the same checkpoint sha256 and views are reused.
+``inference_model``). ``fer_ray.inference.fill_store`` scores each trial's best checkpoint with these functions as
+Ray tasks on the cluster and writes the experiment's ``logits/<trial_id>/<split>.parquet``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 
 import kornia.geometry.transform as KT
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from fer_ray import engine
-from fer_ray.data import FERData
 from fer_ray.data.augment import Preprocess
 from fer_ray.views import expand_views, parse_view_spec
 
-__all__ = ["expand_views", "fill_store", "inference_model", "parse_view", "tta_logits", "tta_logits_loop"]
+__all__ = ["expand_views", "inference_model", "parse_view", "tta_logits", "tta_logits_loop"]
+
 
 def _crop(x: torch.Tensor, size: int, pos: str) -> torch.Tensor:
     """The ``size``×``size`` crop at ``pos`` of a ``[B, C, H, W]`` batch, resized back to ``H``×``W``."""
@@ -121,69 +117,3 @@ def tta_logits_loop(model: nn.Module, images: torch.Tensor, views: Sequence[str]
         res.append(torch.cat([model(preprocess(fn(preprocess.to_float(images[lo:lo + batch_size]))).contiguous())
                               .float() for lo in range(0, len(images), batch_size)]))
     return torch.stack(res)
-
-
-def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequence[str], roles: dict[str, str],
-               trials: pd.DataFrame | None = None, progress: bool = True, on_ray: bool = True) -> list[str]:
-    """Store TTA logits of each trial's best checkpoint (``trials``: default the experiment's ``trials.parquet``)
-    for every split in ``roles`` except ``fit`` ones, as Ray tasks (``fer_ray.inference``); returns the store files.
-
-    A (trial, split) already stored with the same checkpoint sha256 and views is kept as it is.
-    """
-    from fer_ray.checkpoint import checkpoint_sha256
-    from fer_ray.experiment import as_experiment
-    from fer_ray.inference import ScoreJob, score_checkpoints
-    from fer_ray.store import write_logits
-
-    exp = as_experiment(exp)
-    asked = expand_views(views)
-    trials = exp.trials() if trials is None else trials
-    scored = [s for s, r in roles.items() if r != "fit" and s in splits]
-    jobs, rows, written = [], [], []
-    kept_views = _ensemble_views(exp)
-    for row in trials.itertuples():
-        sha = checkpoint_sha256(row.checkpoint)
-        # The store keeps the views every built ensemble of this member uses, so re-scoring with other views
-        # never leaves an ensemble unreproducible.
-        views = asked + [v for v in kept_views.get(row.trial_id, []) if v not in asked]
-        need = [s for s in scored if not _is_current(exp, row.trial_id, s, sha, views)]
-        written += [exp.logits_rel(row.trial_id, s) for s in scored if s not in need]
-        if need:
-            jobs.append(ScoreJob(row.checkpoint, json.loads(row.config), {s: splits[s] for s in need},
-                                 f"{row.trial_id} ({row.arch} @ {row.img_size}px)", views,
-                                 weights=getattr(row, "weights", None) or "raw"))
-            rows.append((row, sha))
-    for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, on_ray=on_ray), 1):
-        row, sha, views = *rows[i], jobs[i].views
-        for split, logits in res["logits"].items():
-            idx = splits[split]
-            meta = {"member": row.trial_id, "arch": row.arch, "img_size": int(row.img_size),
-                    "in_chans": int(row.in_chans), "params": int(row.params), "gmacs_per_view": float(row.gmacs),
-                    "checkpoint": row.checkpoint, "checkpoint_sha256": sha, "epoch": res["epoch"],
-                    "weights": jobs[i].weights,
-                    "split": split, "role": roles[split], "views": list(views), "config": json.loads(row.config)}
-            write_logits(exp, row.trial_id, split, logits, data.labels[idx], data.ids[idx].astype(str), views, meta)
-            written.append(exp.logits_rel(row.trial_id, split))
-        if progress:
-            print(f"[tta] {n}/{len(jobs)} {jobs[i].label}: {len(views)} views × {', '.join(res['logits'])} "
-                  f"({res['seconds']:.1f}s)", flush=True)
-    return written
-
-
-def _ensemble_views(exp) -> dict[str, list[str]]:
-    """Member → the views of every built ensemble that uses it (in first-seen order)."""
-    out: dict[str, list[str]] = {}
-    for name in exp.ensemble_names():
-        info = exp.ensemble(name)
-        for m in info["members"]:
-            out.setdefault(m, []).extend(v for v in info["views"] if v not in out.get(m, []))
-    return out
-
-
-def _is_current(exp, member: str, split: str, sha: str, views: Sequence[str]) -> bool:
-    from fer_ray.store import read_meta
-
-    if not exp.has_logits(member, split):
-        return False
-    meta = read_meta(exp, member, split)
-    return meta.get("checkpoint_sha256") == sha and list(meta.get("views", [])) == list(views)

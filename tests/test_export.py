@@ -25,11 +25,12 @@ from fer_ray.data.dataset import CLASSES
 from fer_ray.ensemble import EnsembleSpec, reproduce_ensemble, run_ensemble
 from fer_ray.export import build_view, export_bundle
 from fer_ray.flops import count_gmacs, count_params
+from fer_ray.inference import fill_store
 from fer_ray.metrics import softmax
 from fer_ray.models import create_model
 from fer_ray.store import read_logits
 from fer_ray.sweep import write_setup
-from fer_ray.tta import fill_store, parse_view
+from fer_ray.tta import parse_view
 
 MEMBERS = [("basic_cnn", 48, 1), ("baseline_cnn_v1", 20, 1), ("mlp_224", 24, 3), ("mlp_224", 52, 1)]
 """(arch, input size, channels), cheap ones: no resize, shrinking (antialiased) and enlarging resizes, 3-channel and

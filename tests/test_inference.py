@@ -11,10 +11,9 @@ import torch
 from fer_ray.checkpoint import save_checkpoint
 from fer_ray.config import TrainConfig
 from fer_ray.data.synthetic import generate
-from fer_ray.inference import task_resources
+from fer_ray.inference import fill_store, task_resources
 from fer_ray.models import create_model
 from fer_ray.store import load_store
-from fer_ray.tta import fill_store
 
 ROLES = {"train": "fit", "val": "select", "public_test": "report"}
 
