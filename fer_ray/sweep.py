@@ -232,6 +232,9 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         data_ref = put_dataset(data, splits)
     if not verbose:  # Tune's new console output prints its header and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # Every kept checkpoint forces a snapshot of Tune's (small) experiment state; concurrent trials that report
+        # within 5 s of each other make Tune warn that snapshots "may become a bottleneck" on every epoch.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_feasible(trial_configs(cfg), autoscaled=not train_layer.STARTED_LOCAL_RAY)
     trainable = _trainable(cfg, data_ref, exp, group)
     tune_uri = join_uri(exp.tune_storage(group), TUNE)
