@@ -276,8 +276,12 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
     checkpoints = exp.checkpoints(trial_id, group)
     if not checkpoints:
         raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has a history but no checkpoint")
-    # An epoch whose checkpoint never reached storage (the process died in between) does not count.
-    history = [h for h in exp.history(trial_id, group) if h["epoch"] <= max(checkpoints)]
+    # An epoch whose checkpoint never reached storage (the process died, or a stopped DDP trial's rank 0 began the
+    # next epoch's report, in between) does not count; history.json is rewritten so every file agrees.
+    written = exp.history(trial_id, group)
+    history = [h for h in written if h["epoch"] <= max(checkpoints)]
+    if len(history) < len(written):
+        exp.write_history(trial_id, history, group)
     exp.write_metrics(trial_id, pd.DataFrame(history), group)
     best = best_entry(history)
     if best["epoch"] not in checkpoints:

@@ -109,8 +109,8 @@ class RayReport(Hook):
     """Each epoch: rank 0 writes the checkpoint (``epoch_NNN.pt`` + sha256 manifest) into a temp folder; every rank
     reports (a barrier), rank 0 with ``Checkpoint.from_directory`` so Ray persists it into the experiment's storage
     (``CheckpointConfig`` keeps the best by ``val_acc`` and the latest). Rank 0 first writes ``history.json`` there
-    (a history may run one epoch ahead of the checkpoints if the process dies in between; ``fer_ray.sweep.trial_row``
-    reads it up to the latest checkpoint). In-process trials inside Tune report to Tune, which persists their
+    (a history may run one epoch ahead of the checkpoints if the process dies or the trial is stopped in between;
+    ``fer_ray.sweep.trial_row`` cuts it back to the latest checkpoint). In-process trials inside Tune report to Tune, which persists their
     checkpoints the same way."""
 
     def __init__(self, config: dict, in_tune_local: bool):

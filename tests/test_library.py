@@ -115,3 +115,27 @@ def test_keep_policies_and_library_rows():
     assert rows["t@e003-ema"]["best_val_acc"] == 0.6 and rows["t@e004"]["parent"] == "t"
     best_only = library_rows(row, history, {2: "c2", 4: "c4"}, "best")
     assert [r["trial_id"] for r in best_only] == ["t@e004-ema"], "keep best: the EMA of the kept epoch best on val"
+
+
+def test_trial_row_cuts_the_history_back_to_the_latest_checkpoint(tmp_path):
+    """A stopped DDP trial's rank 0 may write the next epoch's history before its checkpoint reaches storage (seen in
+    the smoke sweep: ASHA stopped a trial after epoch 1, history.json said [1, 2]); that epoch does not count, and
+    history.json, metrics.parquet and the trial row agree on it."""
+    import torch
+
+    from fer_ray.checkpoint import save_checkpoint
+    from fer_ray.config import TrainConfig
+    from fer_ray.experiment import Experiment
+    from fer_ray.models import create_model
+    from fer_ray.sweep import trial_row
+
+    exp = Experiment(str(tmp_path / "exp"))
+    torch.manual_seed(0)
+    cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=4, num_workers=0, cpus_per_worker=1)
+    save_checkpoint(tmp_path / "exp" / "tune" / "t0" / "checkpoint_000000", 1,
+                    create_model("basic_cnn", img_size=32), dict(cfg.to_dict(), in_chans=1), {})
+    exp.write_history("t0", [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.5}])
+    row, _ = trial_row(exp, "t0")
+    assert (row["epochs_run"], row["best_epoch"], row["best_val_acc"], row["stopped_early"]) == (1, 1, 0.4, True)
+    assert exp.history("t0") == [{"epoch": 1, "val_acc": 0.4}]
+    assert exp.metrics("t0")["epoch"].tolist() == [1]
