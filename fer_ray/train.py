@@ -110,8 +110,8 @@ class RayReport(Hook):
     reports (a barrier), rank 0 with ``Checkpoint.from_directory`` so Ray persists it into the experiment's storage
     (``CheckpointConfig`` keeps the best by ``val_acc`` and the latest). Rank 0 first writes ``history.json`` there
     (a history may run one epoch ahead of the checkpoints if the process dies or the trial is stopped in between;
-    ``fer_ray.sweep.trial_row`` cuts it back to the latest checkpoint). In-process trials inside Tune report to Tune, which persists their
-    checkpoints the same way."""
+    ``fer_ray.sweep.trial_row`` cuts it back to the latest checkpoint). In-process trials inside Tune report to Tune,
+    which persists their checkpoints the same way."""
 
     def __init__(self, config: dict, in_tune_local: bool):
         self.exp = Experiment(config["experiment"])
