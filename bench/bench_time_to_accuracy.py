@@ -3,9 +3,9 @@
 wall budget (30 minutes) and records the best validation accuracy it reached; then fer_ray's CPU reference recipe
 (``--sweep``'s train config, default ``sweeps/fer2013_cpu_v2.yaml``: bf16 autocast, EMA hook; run by
 ``fer_ray.loop.TrainingRun``: batched uint8 augmentation on the device, channels-last) trains until its validation
-accuracy (raw weights) reaches that figure. Same process, same train/val
-split (fer_ray's: leakage dedup, near-duplicate-grouped val), same machine; wall clock from the first step, data
-already loaded on both sides. The ratio is baseline minutes / fer_ray minutes."""
+accuracy (raw weights) reaches that figure. Same process, same train/val split (fer_ray's: leakage dedup,
+near-duplicate-grouped val), same machine; wall clock from the first step, data already loaded on both sides. The
+ratio is baseline minutes / fer_ray minutes."""
 
 from __future__ import annotations
 

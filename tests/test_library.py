@@ -7,11 +7,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from fer_ray.checkpoint import save_checkpoint
+from fer_ray.config import TrainConfig
 from fer_ray.ensemble import EnsembleSpec, reproduce_ensemble, run_ensemble
+from fer_ray.experiment import Experiment
+from fer_ray.models import create_model
 from fer_ray.report import leaderboard
 from fer_ray.store import write_logits
-from fer_ray.sweep import library_rows, policy_epochs
+from fer_ray.sweep import library_rows, policy_epochs, trial_row
 
 ROLES = {"train": "fit", "val": "select", "public_test": "report"}
 N = 700
@@ -121,14 +126,6 @@ def test_trial_row_cuts_the_history_back_to_the_latest_checkpoint(tmp_path):
     """A stopped DDP trial's rank 0 may write the next epoch's history before its checkpoint reaches storage (seen in
     the smoke sweep: ASHA stopped a trial after epoch 1, history.json said [1, 2]); that epoch does not count, and
     history.json, metrics.parquet and the trial row agree on it."""
-    import torch
-
-    from fer_ray.checkpoint import save_checkpoint
-    from fer_ray.config import TrainConfig
-    from fer_ray.experiment import Experiment
-    from fer_ray.models import create_model
-    from fer_ray.sweep import trial_row
-
     exp = Experiment(str(tmp_path / "exp"))
     torch.manual_seed(0)
     cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=4, num_workers=0, cpus_per_worker=1)
