@@ -2,7 +2,7 @@
 embedded synthetic dataset, local-mode trials two at a time). Reported: total epochs trained by each, their
 ratio, and the best validation accuracy each found. Target: ≤ 0.35× the epochs, best val acc within 0.5 pt. Two
 schedulers, same trials: Ray Tune's asynchronous ASHA and fer_ray's synchronous successive halving
-(``asha.synchronous``, ``fer_ray.sweep.SuccessiveHalving``).
+(``asha.synchronous``, ``fer_ray.schedulers.SuccessiveHalving``).
 
 What bounds it is read off the full-budget run's own learning curves, in the same run: how well each epoch's
 ``val_score`` ranks the trials' final best accuracy (Spearman), and synchronous successive halving replayed on
@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 from common import emit, parser
 
+from fer_ray.cluster import init_ray
 from fer_ray.config import SweepConfig
 from fer_ray.sweep import run_sweep
-from fer_ray.train import init_ray
 
 
 def sweep(tmp: Path, name: str, trials: int, epochs: int, grace: int, rf: float, n: int, sync: bool = False) -> dict:

@@ -16,13 +16,14 @@ import torch
 from common import emit, parser
 
 from fer_ray import engine
+from fer_ray.cluster import init_ray, put_dataset
 from fer_ray.config import TrainConfig
 from fer_ray.data import split_indices
 from fer_ray.data.augment import Augment, Preprocess
 from fer_ray.data.synthetic import generate
 from fer_ray.experiment import Experiment
 from fer_ray.models import create_model
-from fer_ray.train import init_ray, make_trainer, put_dataset
+from fer_ray.train import make_trainer
 
 
 def bare_epochs(cfg: TrainConfig, images, labels, epochs: int) -> list[float]:

@@ -20,12 +20,12 @@ import torch
 from common import emit, parser
 
 from fer_ray.checkpoint import save_checkpoint
+from fer_ray.cluster import init_ray
 from fer_ray.config import TrainConfig
 from fer_ray.data.synthetic import generate
 from fer_ray.inference import fill_store
 from fer_ray.models import create_model
 from fer_ray.store import load_store
-from fer_ray.train import init_ray
 
 VIEWS = ["identity", "hflip", "rot10", "rot-10", "shift2,0", "shift-2,0", "hflip+rot10", "hflip+rot-10"]
 ROLES = {"train": "fit", "val": "select", "public_test": "report"}

@@ -24,10 +24,10 @@ import numpy as np
 import ray
 from common import emit, parser
 
+from fer_ray.cluster import init_ray, put_dataset
 from fer_ray.config import DataConfig, SweepConfig
-from fer_ray.data import load_data
+from fer_ray.data import load_data, prepare_dataset
 from fer_ray.sweep import run_sweep
-from fer_ray.train import init_ray, prepare_dataset, put_dataset
 
 
 class PeakPSS:

@@ -16,9 +16,9 @@ import numpy as np
 from common import emit, parser
 from ray import tune
 
+from fer_ray.cluster import init_ray
 from fer_ray.config import SweepConfig
 from fer_ray.sweep import run_sweep
-from fer_ray.train import init_ray
 
 
 def baseline(trials: int, storage: Path) -> float:

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from common import emit, parser
 
+from fer_ray.cluster import init_ray, put_dataset
 from fer_ray.config import TrainConfig
 from fer_ray.data import split_indices
 from fer_ray.data.synthetic import generate
 from fer_ray.experiment import Experiment
 from fer_ray.storage import Storage, parent_and_name
 from fer_ray.testing import s3_server
-from fer_ray.train import init_ray, make_trainer, put_dataset
+from fer_ray.train import make_trainer
 
 
 def epoch_walls(cfg: TrainConfig, ref, root: str, name: str) -> tuple[list[float], int]:

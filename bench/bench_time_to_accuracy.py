@@ -19,9 +19,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fer_ray.config import load_sweep
+from fer_ray.data import prepare_dataset
 from fer_ray.loop import EMA, Hook, TrainingRun
 from fer_ray.models import create_model
-from fer_ray.train import prepare_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_SWEEP = REPO / "sweeps" / "fer2013_cpu_v2.yaml"

@@ -382,7 +382,7 @@ class AshaConfig(_Config):
     grace_period: int = 1
     reduction_factor: float = 2.0
     synchronous: bool = False
-    """Synchronous successive halving (``fer_ray.sweep.SuccessiveHalving``): every trial runs to a rung and waits
+    """Synchronous successive halving (``fer_ray.schedulers.SuccessiveHalving``): every trial runs to a rung and waits
     (paused, resumed from its epoch checkpoint) until all have reported it; then the top 1/``reduction_factor`` go
     on. ASHA instead decides each trial on the results seen so far, so early trials always go on; with few trials
     (tens) that costs epochs. Synchronous needs the trials' total known up front (``num_samples`` × grid)."""

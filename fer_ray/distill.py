@@ -90,8 +90,8 @@ def _record(exp: Experiment, row: dict) -> pd.DataFrame:
 def _train_student(exp: Experiment, sweep: SweepConfig, cfg: TrainConfig, group: str, data: FERData,
                    splits: dict[str, np.ndarray], soft: np.ndarray, num_cpus: int | None) -> dict:
     """Train the student as a one-trial run under ``group``; returns its ``trial_row``."""
+    from fer_ray.cluster import init_ray, put_dataset
     from fer_ray.sweep import run_sweep
-    from fer_ray.train import init_ray, put_dataset
 
     one = sweep.replace(train=cfg, search_space={}, num_samples=1, max_concurrent_trials=1, keep_checkpoints="best",
                         asha=sweep.asha.replace(max_t=cfg.epochs, grace_period=cfg.epochs, synchronous=False))
@@ -123,8 +123,9 @@ def distill(exp: Experiment | str, ensemble: str, student: str, *, epochs: int |
         ConfigError: Unknown ensemble or bad settings. StoreError: The recovered data or checkpoints do not
         reproduce the stored ensemble.
     """
+    from fer_ray.cluster import init_ray
+    from fer_ray.data import prepare_dataset
     from fer_ray.evaluate import external_splits, load_external, score_members
-    from fer_ray.train import init_ray, prepare_dataset
 
     safe = name or student.replace("/", "_")  # checked first: it names a folder that is replaced
     if path_name_problem(safe):

@@ -83,7 +83,7 @@ def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[
         return
     import ray
 
-    from fer_ray.train import init_ray
+    from fer_ray.cluster import init_ray
 
     init_ray()
     task = ray.remote(_score_task)

@@ -11,6 +11,7 @@ import time
 import pandas as pd
 
 from fer_ray.config import SweepConfig
+from fer_ray.data import prepare_dataset
 from fer_ray.data.dataset import fingerprint
 from fer_ray.ensemble import EnsembleSpec, run_ensemble
 from fer_ray.experiment import Experiment, as_experiment
@@ -18,7 +19,6 @@ from fer_ray.inference import fill_store
 from fer_ray.report import format_table, leaderboard, write_report
 from fer_ray.sweep import run_sweep
 from fer_ray.tracking import log_summary
-from fer_ray.train import prepare_dataset
 
 
 def tta_stage(exp: Experiment | str, views: list[str] | None = None, prepared: tuple | None = None) -> list[str]:

@@ -15,7 +15,7 @@ bundle's name, classes and metrics.
 
 Requests are scored through ``@serve.batch`` (dynamic batching: faces from concurrent requests share one forward
 pass, up to ``max_batch_size`` faces or ``batch_wait_ms``), or one request at a time with ``batching=False``. Ray is
-started with ``fer_ray.train.init_ray``; replicas ask for a GPU when the cluster has one (ONNX Runtime's CUDA
+started with ``fer_ray.cluster.init_ray``; replicas ask for a GPU when the cluster has one (ONNX Runtime's CUDA
 provider, or torch for TorchScript bundles). The HTTP proxy listens on the head node only, on ``127.0.0.1``
 unless ``host`` says otherwise. Every replica loads the bundle from its path, so on a multi-node cluster the
 bundle folder must be readable at the same path on every node (a shared folder), like ``--out`` results.
@@ -173,8 +173,8 @@ def start(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, rep
     """
     import ray
 
+    from fer_ray.cluster import init_ray
     from fer_ray.config import ConfigError
-    from fer_ray.train import init_ray
 
     if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0 or not 0 <= port < 65536:
         raise ConfigError(f"serve: --replicas and --max-batch-size must be >= 1, --batch-wait-ms >= 0 and --port a "
@@ -210,7 +210,7 @@ def serve_forever(bundle_dir: str | Path, **kw) -> None:
 
     import ray
 
-    from fer_ray import train
+    from fer_ray import cluster
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -227,6 +227,6 @@ def serve_forever(bundle_dir: str | Path, **kw) -> None:
         print("[serve] stopping", flush=True)
     finally:
         if ray.is_initialized():
-            stop(None if train.STARTED_LOCAL_RAY else kw.get("name", APP_NAME))
-            if train.STARTED_LOCAL_RAY:
+            stop(None if cluster.STARTED_LOCAL_RAY else kw.get("name", APP_NAME))
+            if cluster.STARTED_LOCAL_RAY:
                 ray.shutdown()

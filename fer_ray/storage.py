@@ -8,7 +8,7 @@ A location is a local path, ``file:///abs/path``, ``s3://bucket/prefix`` (S3-com
 Writes never leave half a file: a local file goes to a temp file beside it, then ``os.replace``; on an object
 store the payload is built in memory first and uploaded in one request (an object becomes visible only when its
 upload completes). Credentials come from the environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or the
-machine's role; ``fer_ray.train.init_ray`` forwards the ``AWS_*`` variables to Ray's workers.
+machine's role; ``fer_ray.cluster.init_ray`` forwards the ``AWS_*`` variables to Ray's workers.
 """
 
 from __future__ import annotations

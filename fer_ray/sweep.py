@@ -1,10 +1,11 @@
-"""The Ray Tune layer: a successive-halving sweep (Tune's ASHA, or ``SuccessiveHalving``, the synchronous kind)
-where each trial is one TorchTrainer run (the Train V2 pattern).
+"""The Ray Tune layer: a successive-halving sweep (the scheduler: ``fer_ray.schedulers``) where each trial is one
+TorchTrainer run (the Train V2 pattern), in the Ray session ``fer_ray.cluster`` owns.
 
 ``run_sweep`` writes into an ``Experiment`` (``fer_ray.experiment`` owns the layout; its root may be a local path,
 NFS or a bucket URI): the resolved ``sweep.yaml``, ``split_roles.json``, ``data.json``, Tune's state in ``tune/``,
 each DDP trial's Ray Train run in ``train/train_<trial_id>/``, per-trial ``history.json`` and, at the end,
-``trials.parquet`` (one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint location).
+``trials.parquet`` (one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint location;
+the model's size and compute as its checkpoint recorded them when training built it).
 
 A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
 ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the scheduler (on ``epoch``, ranking
@@ -20,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -28,26 +28,25 @@ import pandas as pd
 from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
-
-# Private: Tune has no public synchronous successive halving; one HyperBand bracket is one (tests/test_ray_internals.py
-# fails if an upgrade moves what SuccessiveHalving overrides).
-from ray.tune.schedulers.hyperband import _Bracket
 from ray.tune.search import BasicVariantGenerator
 
-from fer_ray import train as train_layer
+from fer_ray import cluster
 from fer_ray.checkpoint import load_checkpoint
 from fer_ray.config import SweepConfig, TrainConfig, set_path
-from fer_ray.data import CLASSES
+from fer_ray.data import CLASSES, prepare_dataset
 from fer_ray.data.dataset import fingerprint
 from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.flops import count_gmacs, count_params
 from fer_ray.loop import best_entry, build_model
 from fer_ray.names import SPLIT_ROLES
 from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources
+from fer_ray.schedulers import (
+    SuccessiveHalving,  # noqa: F401 — Tune state of older experiments pickles this path
+    make_scheduler,
+)
 from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
-from fer_ray.train import CHECKPOINT_KEEP, KEEP_ALL, init_ray, make_trainer, prepare_dataset, put_dataset
+from fer_ray.train import CHECKPOINT_KEEP, KEEP_ALL, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -113,68 +112,6 @@ def _trainable(cfg: SweepConfig, data_ref, exp: Experiment, group: str):
     return tune.with_resources(fn, functools.partial(_resources, sweep=cfg))
 
 
-class SuccessiveHalving(HyperBandScheduler):
-    """Synchronous successive halving: Ray Tune's HyperBand with exactly one bracket holding every trial.
-
-    All ``num_trials`` trials run ``grace_period`` epochs; a trial that gets there first is paused (Tune stops
-    its process; it resumes from its epoch checkpoint). When all have reported, the best ⌈n / reduction_factor⌉
-    go on to ``grace_period × reduction_factor`` epochs, and so on up to ``max_t``. Trials start only while
-    fewer than ``max_running`` run: Tune's searcher-side limit counts paused trials as live and would deadlock.
-    On ``--resume`` the bracket restarts: finished trials are left out (they cannot report again) and the live
-    ones, already past the rungs they had cleared, are halved through those rungs again (keeping all of them, as
-    they are the ones the interrupted run kept) until the interrupted rung's decision is due.
-    """
-
-    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, num_trials: int,
-                 max_running: int | None = None, time_attr: str = "epoch"):
-        super().__init__(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor)
-        self._s_max_1 = 1  # one bracket per band: the band is full once it holds the bracket
-        self._get_n0 = lambda s: num_trials
-        self._get_r0 = lambda s: grace_period
-        self._halvings = max(0, math.ceil(math.log(max_t / grace_period, reduction_factor) - 1e-9))
-        self._max_running = max_running
-
-    def _create_bracket(self, s: int) -> _Bracket:
-        return _Bracket(time_attr=self._time_attr, max_trials=self._get_n0(s), init_t_attr=self._get_r0(s),
-                        max_t_attr=self._max_t_attr, eta=self._eta, s=self._halvings,
-                        stop_last_trials=self._stop_last_trials)
-
-    def on_trial_add(self, tune_controller, trial: Trial) -> None:
-        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # restored from a resumed sweep: done already
-            return
-        super().on_trial_add(tune_controller, trial)
-
-    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
-        if trial in self._trial_info:
-            super().on_trial_remove(tune_controller, trial)
-
-    def _process_bracket(self, tune_controller, bracket: _Bracket) -> str:
-        action = super()._process_bracket(tune_controller, bracket)
-        # Trials restored by ``--resume`` may already be past several rungs (the bracket restarts at the first):
-        # halve again while everyone is past the current rung, so that one of them goes on instead of all waiting.
-        while (action == TrialScheduler.PAUSE and not bracket.trials_to_unpause and bracket.cur_iter_done()
-               and not bracket.finished()):
-            action = super()._process_bracket(tune_controller, bracket)
-        return action
-
-    def choose_trial_to_run(self, tune_controller) -> Trial | None:
-        running = sum(t.status == Trial.RUNNING for t in tune_controller.get_trials())
-        if self._max_running and running >= self._max_running:
-            return None
-        return super().choose_trial_to_run(tune_controller)
-
-
-def make_scheduler(cfg: SweepConfig) -> ASHAScheduler | SuccessiveHalving:
-    """The sweep's scheduler on the trials' ``epoch``; Tune hands it ``cfg.metric``/``cfg.mode`` (default
-    ``val_score``). ``asha.synchronous`` selects ``SuccessiveHalving``, else Ray Tune's (asynchronous) ASHA."""
-    a = cfg.asha
-    if a.synchronous:
-        return SuccessiveHalving(max_t=a.max_t, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                                 num_trials=cfg.num_trials(), max_running=cfg.max_concurrent_trials)
-    return ASHAScheduler(time_attr="epoch", max_t=a.max_t, grace_period=a.grace_period,
-                         reduction_factor=a.reduction_factor)
-
-
 def _trial_dirname(trial: Trial) -> str:
     """Tune's folder for a trial: its id, so ``Experiment.checkpoints`` finds in-process trials' checkpoints."""
     return trial.trial_id
@@ -228,14 +165,14 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
             write_setup(cfg, exp, data, splits)
         else:
             exp.check_data(fingerprint(data, splits), cfg.data.path or "the synthetic generator")
-        init_ray(num_cpus=num_cpus, verbose=verbose)
-        data_ref = put_dataset(data, splits)
+        cluster.init_ray(num_cpus=num_cpus, verbose=verbose)
+        data_ref = cluster.put_dataset(data, splits)
     if not verbose:  # Tune's new console output prints its header and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Every kept checkpoint forces a snapshot of Tune's (small) experiment state; concurrent trials that report
         # within 5 s of each other make Tune warn that snapshots "may become a bottleneck" on every epoch.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    check_feasible(trial_configs(cfg), autoscaled=not train_layer.STARTED_LOCAL_RAY)
+    check_feasible(trial_configs(cfg), autoscaled=not cluster.STARTED_LOCAL_RAY)
     trainable = _trainable(cfg, data_ref, exp, group)
     tune_uri = join_uri(exp.tune_storage(group), TUNE)
     if resume and tune.Tuner.can_restore(tune_uri):

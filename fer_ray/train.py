@@ -1,13 +1,15 @@
 """The Ray Train layer: ``train_loop_per_worker`` runs ``fer_ray.loop.TrainingRun`` on each DDP worker (gloo on CPU,
-nccl on GPU) and ``make_trainer`` builds the ``TorchTrainer`` of one run.
+nccl on GPU) and ``make_trainer`` builds the ``TorchTrainer`` of one run, in the Ray session ``fer_ray.cluster``
+owns.
 
-The dataset lives once in Ray's object store (``put_dataset``); every worker of every trial reads the same object.
-Checkpoints go through Ray's own persistence: each epoch rank 0 hands a self-describing checkpoint to
-``ray.train.report`` (``RayReport``), Ray Train uploads it into the experiment's storage (a path, NFS or a bucket:
-``fer_ray.experiment``) and prunes with ``CheckpointConfig`` (best by ``val_acc`` + latest); a retried worker group,
-a retried or unpaused trial and ``fer-ray sweep --resume`` continue from ``ray.train.get_checkpoint()``. No worker
-reads or writes the driver's disk. Single-worker runs may use Ray Train's local mode (``num_workers=0``: the loop
-runs in the Tune trial's process, which reports and checkpoints through Tune instead).
+The dataset lives once in Ray's object store (``fer_ray.cluster.put_dataset``); every worker of every trial reads
+the same object. Checkpoints go through Ray's own persistence: each epoch rank 0 hands a self-describing checkpoint
+to ``ray.train.report`` (``RayReport``), Ray Train uploads it into the experiment's storage (a path, NFS or a
+bucket: ``fer_ray.experiment``) and prunes with ``CheckpointConfig`` (best by ``val_acc`` + latest); a retried
+worker group, a retried or unpaused trial and ``fer-ray sweep --resume`` continue from
+``ray.train.get_checkpoint()``. No worker reads or writes the driver's disk. Single-worker runs may use Ray Train's
+local mode (``num_workers=0``: the loop runs in the Tune trial's process, which reports and checkpoints through
+Tune instead).
 """
 
 from __future__ import annotations
@@ -17,15 +19,13 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
 from fer_ray.checkpoint import load_ray_checkpoint, write_checkpoint
-from fer_ray.config import DataConfig, TrainConfig
-from fer_ray.data import DataError, FERData, load_data, split_indices
+from fer_ray.config import TrainConfig
 from fer_ray.experiment import Experiment
 from fer_ray.gpu import preflight
 from fer_ray.loop import EMA, EarlyStopping, Hook, TrainingRun, build_model  # noqa: F401  (build_model re-exported)
@@ -35,74 +35,11 @@ log = logging.getLogger(__name__)
 _IMPORTED_AT = time.time()  # this module and its dependencies (torch, ray.train, timm, kornia) imported
 
 
-FORWARDED_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
-"""Environment variables (prefixes) handed to every Ray worker, so trials and inference tasks reach the same
-bucket as the driver: Ray does not forward the driver's environment to its workers."""
-
 CHECKPOINT_KEEP = {"num_to_keep": 1, "checkpoint_score_attribute": "val_acc", "checkpoint_score_order": "max"}
 """Ray keeps each run's best checkpoint by ``val_acc`` (the later one on ties) and, always, its latest."""
 KEEP_ALL = {"num_to_keep": None}
 """A checkpoint library (``SweepConfig.keep_checkpoints``): Ray keeps every epoch; fer_ray prunes to the library's
 epochs when the trial is collected (``fer_ray.sweep.trial_row``)."""
-
-
-STARTED_LOCAL_RAY = False
-"""True once this process started its own local Ray (nothing can add nodes to it)."""
-
-
-def storage_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-
-
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: bool = False) -> None:
-    """Connect to ``RAY_ADDRESS`` when set (a cluster, ``ray job submit``), else start a local Ray on 127.0.0.1.
-
-    Storage credentials in this environment (``FORWARDED_ENV``) go to every worker through the job's runtime_env.
-    ``verbose``: stream the workers' logs and Ray's INFO messages to this process (otherwise warnings and errors
-    only; progress is printed by the driver, ``fer_ray.sweep.EpochLines``).
-    """
-    if ray.is_initialized():
-        return
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING,
-             "runtime_env": {"env_vars": storage_env()} if storage_env() else None}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-        return
-    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", **quiet)
-    global STARTED_LOCAL_RAY
-    STARTED_LOCAL_RAY = True  # no autoscaler: fer_ray.placement.check_feasible fails fast
-    # The Train placement-group cleaner and later clients look the cluster up through RAY_ADDRESS.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def prepare_dataset(data_cfg: DataConfig) -> tuple[FERData, dict[str, np.ndarray]]:
-    """Load (or draw) the dataset once and carve the run splits."""
-    from fer_ray.data.ingest import require_splits
-
-    data = load_data(data_cfg)
-    require_splits(data, path=data_cfg.path)  # a split the run trains or selects on with zero rows: one line
-    groups = None
-    if data_cfg.group_duplicates != "none":
-        from fer_ray.data import quality
-
-        groups = (quality.near_groups(data, data_cfg.near_dup_threshold) if data_cfg.group_duplicates == "near"
-                  else quality.exact_groups(data))
-    splits = split_indices(data, data_cfg.val_fraction, data_cfg.split_seed, groups=groups)
-    if "val" not in splits:
-        raise DataError(f"{data_cfg.path or 'synthetic data'}: no validation images could be carved from Training "
-                        f"(val_fraction {data_cfg.val_fraction}; every class needs >= 2 Training images)")
-    return data, splits
-
-
-def put_dataset(data: FERData, splits: dict[str, np.ndarray],
-                teacher_logits: np.ndarray | None = None) -> ray.ObjectRef:
-    """One object-store copy of the arrays and split indices, shared zero-copy by all trials and workers.
-
-    ``teacher_logits``: optional float32 ``[len(splits["train"]), C]`` for distillation (``fer_ray.distill``).
-    """
-    extra = {} if teacher_logits is None else {"teacher_logits": np.asarray(teacher_logits, dtype=np.float32)}
-    return ray.put({**data.to_arrays(), "splits": splits, **extra})
 
 
 class RayReport(Hook):

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries when offline
 def ray_session():
     import ray
 
-    from fer_ray.train import init_ray
+    from fer_ray.cluster import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     init_ray(num_cpus=2)
@@ -28,14 +28,14 @@ def no_session_ray():
     Ray Train's placement-group cleaner cannot tell which is its own (README, "One local Ray per host")."""
     import ray
 
-    from fer_ray import train
+    from fer_ray import cluster
 
     was_running = ray.is_initialized()
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     yield
     if was_running:
-        train.init_ray(num_cpus=2)
+        cluster.init_ray(num_cpus=2)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from fer_ray import engine
 from fer_ray.checkpoint import load_checkpoint, save_checkpoint
 from fer_ray.cli import main
 from fer_ray.config import SweepConfig, TrainConfig
-from fer_ray.data import synthetic
+from fer_ray.data import prepare_dataset, synthetic
 from fer_ray.data.augment import Augment, Preprocess
 from fer_ray.ensemble import EnsembleSpec, ProtocolError, apply_fitted, budget_candidates, member_logits, run_ensemble
 from fer_ray.evaluate import default_split_name
@@ -23,7 +23,7 @@ from fer_ray.inference import fill_store
 from fer_ray.report import write_report
 from fer_ray.store import read_logit_file, read_logits
 from fer_ray.sweep import write_setup
-from fer_ray.train import build_model, prepare_dataset
+from fer_ray.train import build_model
 
 EXT = "ext_other"
 MEMBERS = [("basic_cnn", 32), ("baseline_cnn_v1", 32)]

@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fer_ray.cluster import put_dataset
 from fer_ray.config import TrainConfig
 from fer_ray.data import FERData, split_indices
 from fer_ray.data.synthetic import generate
 from fer_ray.experiment import Experiment
-from fer_ray.train import make_trainer, put_dataset
+from fer_ray.train import make_trainer
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent

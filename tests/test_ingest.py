@@ -448,8 +448,8 @@ def test_the_run_path_refuses_a_dataset_without_training_rows(tmp_path):
     """``prepare_dataset`` (what every sweep, tta and distill goes through) stops with one line naming the file
     when the data has no Training rows, instead of a KeyError inside a Ray worker."""
     from fer_ray.config import DataConfig
+    from fer_ray.data import prepare_dataset
     from fer_ray.data.synthetic import generate, write_csv
-    from fer_ray.train import prepare_dataset
 
     data = generate(140, seed=2)
     only_test = data.subset(np.flatnonzero(data.usage != 0))

@@ -125,7 +125,7 @@ def two_type_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from fer_ray.train import init_ray
+    from fer_ray.cluster import init_ray
 
     was_running = ray.is_initialized()
     ray.shutdown()

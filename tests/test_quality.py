@@ -155,8 +155,8 @@ def test_cli_check_and_report(tmp_path, capsys):
 def test_training_split_groups_duplicates_by_default(tmp_path):
     """prepare_dataset carves val by near-duplicate groups by default: pixel-identical and 1-px-shifted copies never
     straddle train/val; ``exact`` keeps only identical copies together, ``none``/``false`` neither."""
+    from fer_ray.data import prepare_dataset
     from fer_ray.data.quality import shifted
-    from fer_ray.train import prepare_dataset
 
     data = generate(400, seed=4)
     train = np.flatnonzero(data.usage == 0)

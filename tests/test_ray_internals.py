@@ -1,7 +1,7 @@
 """fer_ray leans on a few private Ray APIs where no public one does the job; each use is listed here, with why, so
 that a Ray upgrade that moves or changes one fails this fast test instead of a sweep on a cluster.
 
-- ``SuccessiveHalving`` (``fer_ray.sweep``) is one HyperBand bracket: Tune has no public synchronous
+- ``SuccessiveHalving`` (``fer_ray.schedulers``) is one HyperBand bracket: Tune has no public synchronous
   successive-halving scheduler, and its ``HyperBandScheduler`` builds brackets through ``_create_bracket`` /
   ``_Bracket`` and reads ``_s_max_1``, ``_get_n0``, ``_get_r0`` (overridden) and ``_process_bracket``.
 - ``fer_ray.placement.cluster_gpus`` reads per-node total and available resources through ``ray._private.state``

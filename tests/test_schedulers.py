@@ -45,7 +45,7 @@ def test_asha_stops_trials_tied_on_accuracy_by_their_loss():
     from ray.tune.schedulers import TrialScheduler
 
     from fer_ray.config import SweepConfig
-    from fer_ray.sweep import make_scheduler
+    from fer_ray.schedulers import make_scheduler
 
     def stopped(metric: str) -> list[int]:
         sched = make_scheduler(SweepConfig.from_dict({"metric": metric, "train": {"epochs": 8},
@@ -76,7 +76,7 @@ def test_successive_halving_resumed_with_trials_past_a_rung_goes_on():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from fer_ray.sweep import SuccessiveHalving
+    from fer_ray.schedulers import SuccessiveHalving
 
     class FakeTrial(SimpleNamespace):
         __hash__ = object.__hash__

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 from fer_ray.config import ConfigError, SweepConfig
+from fer_ray.data import prepare_dataset
 from fer_ray.data.synthetic import generate, write_csv
 from fer_ray.ensemble import EnsembleSpec, reproduce_ensemble, run_ensemble
 from fer_ray.pipeline import tta_stage
 from fer_ray.report import leaderboard
 from fer_ray.store import StoreError, write_logits
 from fer_ray.sweep import write_setup
-from fer_ray.train import prepare_dataset
 
 
 def test_a_changed_source_is_refused_with_both_fingerprints(tmp_path):

@@ -1,12 +1,15 @@
-"""Data: loaders for every FER-2013 format, the synthetic set, splits and batch augmentation."""
+"""Data: loaders for every FER-2013 format, the synthetic set, splits, a run's prepared dataset
+(``prepare_dataset``, ``fer_ray.data.prepare``) and batch augmentation."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from fer_ray.data.dataset import CLASSES, IMG_SIZE, SPLITS, USAGES, DataError, FERData, split_indices
+from fer_ray.data.prepare import prepare_dataset
 
-__all__ = ["CLASSES", "IMG_SIZE", "SPLITS", "USAGES", "DataError", "FERData", "load_data", "split_indices"]
+__all__ = ["CLASSES", "IMG_SIZE", "SPLITS", "USAGES", "DataError", "FERData", "load_data", "prepare_dataset",
+           "split_indices"]
 
 
 def load_data(cfg) -> FERData:
