@@ -1,6 +1,8 @@
 """Sweep schedulers: ASHA ranks on ``val_score`` (ties on accuracy broken by loss); synchronous successive halving
 (``asha.synchronous``): every trial reaches a rung before any goes on, the ones that go on are the best of all
-trials at that rung (not of those seen so far, as with asynchronous ASHA), and a resumed bracket goes on."""
+trials at that rung (not of those seen so far, as with asynchronous ASHA), and a resumed bracket goes on; a
+scheduler pickled by an experiment from before ``fer_ray.schedulers`` (as ``fer_ray.sweep.SuccessiveHalving``)
+still loads."""
 
 import json
 
@@ -96,3 +98,26 @@ def test_successive_halving_resumed_with_trials_past_a_rung_goes_on():
     c.status, d.status = Trial.PAUSED, Trial.RUNNING
     assert sched.on_trial_result(controller, d, {"epoch": 2, "val_score": 0.40}) == TrialScheduler.CONTINUE
     assert stopped == [c]  # rung 2 decided between c and d: d (better) goes on to epoch 4
+
+
+def test_a_scheduler_pickled_under_its_old_module_path_still_loads(monkeypatch):
+    """Tune pickles the scheduler into the experiment's ``tuner.pkl`` (``ray.cloudpickle``: classes by module path);
+    experiments started before ``fer_ray.schedulers`` existed name ``fer_ray.sweep.SuccessiveHalving``, and
+    ``fer-ray sweep --resume`` must still load them (the alias in ``fer_ray.sweep``)."""
+    import pickle
+
+    from ray import cloudpickle
+
+    import fer_ray.sweep
+    from fer_ray import schedulers
+
+    assert fer_ray.sweep.SuccessiveHalving is schedulers.SuccessiveHalving
+    sched = schedulers.SuccessiveHalving(max_t=4, grace_period=1, reduction_factor=2, num_trials=4, max_running=2)
+    with monkeypatch.context() as m:  # pickled as the sweep module defined it before the move
+        m.setattr(schedulers.SuccessiveHalving, "__module__", "fer_ray.sweep")
+        old = cloudpickle.dumps(sched)
+    assert b"fer_ray.sweep" in old
+    loaded = pickle.loads(old)
+    assert type(loaded) is schedulers.SuccessiveHalving
+    assert (loaded._get_n0(0), loaded._get_r0(0), loaded._max_running, loaded._halvings) == (4, 1, 2, 2)
+    assert pickle.loads(b"cfer_ray.sweep\nSuccessiveHalving\n.") is schedulers.SuccessiveHalving  # by name alone
