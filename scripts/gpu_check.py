@@ -19,7 +19,10 @@ d. ``accuracy``: the recipe of ``--recipe`` (``sweeps/fer2013_gpu.yaml``) traine
 e. ``packing``: aggregate training images/s of 1, 2 and 4 concurrent processes training basic_cnn on the one
    device, and the GPU fraction per trial it recommends.
 
-``--device cpu --smoke`` runs every section on synthetic data in about a minute (``tests/test_gpu_check.py``).
+``--device cpu --smoke`` runs every section on synthetic data in two or three CPU minutes (``tests/test_gpu_check.py``).
+The smoke does fixed work (``Plan.smoke``: steps and epochs, never seconds) with every budget off, so no verdict of it
+depends on the machine's speed; the budgets (``--*-s``) hold for the real run, and the tests drive them with an
+injected clock (``Context.clock``).
 The repository root is put on ``sys.path``, so fer_ray need not be installed (the GPU machine has no Ray).
 """
 
@@ -85,13 +88,21 @@ class Plan:
     packing_ks: tuple[int, ...] = (1, 2, 4)
     packing_s: float = 8.0
     packing_batch: int = 64
+    # Fixed work instead of timed work (``--smoke``): no verdict of the smoke may depend on the machine's speed.
+    tp_steps: int | None = None
+    """Timed training steps (and ``tp_steps × tp_infer_batch`` TTA images) per throughput row, instead of filling
+    ``tp_target_s``."""
+    acc_epochs: int | None = None
+    """Accuracy epochs, instead of the epochs a timing probe says fit the budget."""
+    packing_steps: int | None = None
+    """Training steps per worker and packing round, instead of ``packing_s`` seconds."""
 
     @classmethod
     def smoke(cls) -> Plan:
         return cls(steps=12, batch=8, loss_window=3, ddp_steps=2, tta_images=16, models=["basic_cnn", "resnet_fer"],
                    tp_batch=16, tp_batch_large=8, tp_infer_batch=32, tp_target_s=0.15, mm_n=256,
                    correctness_img_size={"resnet_fer": 16, "timm/resnet18": 16}, acc_model="basic_cnn",
-                   synthetic_n=600, packing_s=1.0, packing_batch=16)
+                   synthetic_n=600, packing_s=1.0, packing_batch=16, tp_steps=4, acc_epochs=2, packing_steps=16)
 
 
 @dataclass
@@ -102,9 +113,12 @@ class Context:
     emit: Callable
     deadline: float
     trained: dict = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
+    """What ``left`` reads (the tests inject one): budgets are the only thing the wall clock decides."""
 
     def left(self) -> float:
-        return self.deadline - time.perf_counter()
+        """Seconds left of the section's budget (``inf`` with ``--smoke``, whose sections do fixed work)."""
+        return self.deadline - self.clock()
 
 
 def log(section: str, msg: str) -> None:
@@ -146,7 +160,7 @@ class Report:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"gpu_check_{datetime.date.today().isoformat()}"
         self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
-        self.doc = {"meta": meta, "sections": {}}
+        self.doc = {"meta": jsonable(meta), "sections": {}}
 
     def update(self, name: str, **values) -> None:
         self.doc["sections"].setdefault(name, {"status": "running"}).update(jsonable(values))
@@ -447,13 +461,16 @@ def matmul_peak_tflops(device: torch.device, n: int, repeat: int = 10) -> float:
     return 2 * n**3 * repeat / seconds / 1e12
 
 
-def time_training(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, target_s: float) -> dict:
+def time_training(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, target_s: float,
+                  steps: int | None = None) -> dict:
     """Warm up, probe the step time, then time enough ``train_one_epoch`` passes over ``images`` to fill
-    ``target_s`` (each pass ends in ``.item()``, so the device is synchronised)."""
+    ``target_s`` (each pass ends in ``.item()``, so the device is synchronised); ``steps``: exactly that many
+    timed steps instead (fixed work)."""
     b = tr.cfg.batch_size
     tr.epoch(images[:2 * b], labels[:2 * b], 0)  # warm-up: kernels, cuDNN algorithm choice, allocator
-    probe = tr.epoch(images[:3 * b], labels[:3 * b], 1)
-    steps = max(3, int(target_s / max(probe["train_time_s"] / 3, 1e-6)))
+    if steps is None:
+        probe = tr.epoch(images[:3 * b], labels[:3 * b], 1)
+        steps = max(3, int(target_s / max(probe["train_time_s"] / 3, 1e-6)))
     per_pass = min(steps, len(images) // b)
     seen, seconds, epoch = 0, 0.0, 2
     while seen < steps * b:
@@ -462,8 +479,10 @@ def time_training(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, targe
     return {"train_img_s": seen / seconds, "train_steps": seen // b}
 
 
-def time_inference(model: torch.nn.Module, images: torch.Tensor, amp_dtype, batch: int, target_s: float) -> dict:
-    """TTA images/s of ``tta_logits`` (``TTA_VIEWS``: one forward pass per image and view) under ``amp_dtype``."""
+def time_inference(model: torch.nn.Module, images: torch.Tensor, amp_dtype, batch: int, target_s: float,
+                   n: int | None = None) -> dict:
+    """TTA images/s of ``tta_logits`` (``TTA_VIEWS``: one forward pass per image and view) under ``amp_dtype``,
+    over enough images to fill ``target_s``, or over ``n`` images (fixed work)."""
     from fer_ray import tta
 
     dev, views = images.device, list(TTA_VIEWS)
@@ -479,8 +498,9 @@ def time_inference(model: torch.nn.Module, images: torch.Tensor, amp_dtype, batc
         return time.perf_counter() - t0
 
     run(per)
-    probe = run(2 * per) / (2 * per)
-    n = max(per, int(target_s / max(probe, 1e-7)))
+    if n is None:
+        probe = run(2 * per) / (2 * per)
+        n = max(per, int(target_s / max(probe, 1e-7)))
     seconds = run(n)
     return {"infer_img_s": n / seconds, "infer_fwd_s": n * len(views) / seconds, "infer_batch": per * len(views)}
 
@@ -501,8 +521,9 @@ def measure_model(ctx: Context, name: str, amp_cfg: str, peak: float) -> list[di
         tr = Trainer(model, cfg, labels, dev)
         row = {"model": name, "img_size": size, "precision": precision, "amp_dtype": amp_name(tr.amp_dtype),
                "batch": batch, "gmacs": gmacs}
-        row |= time_training(tr, images, labels, plan.tp_target_s)
-        row |= time_inference(model, images, tr.amp_dtype, plan.tp_infer_batch, plan.tp_target_s)
+        row |= time_training(tr, images, labels, plan.tp_target_s, plan.tp_steps)
+        row |= time_inference(model, images, tr.amp_dtype, plan.tp_infer_batch, plan.tp_target_s,
+                              plan.tp_steps and plan.tp_steps * plan.tp_infer_batch)
         row["train_tflops"] = 2 * gmacs * 3 * row["train_img_s"] / 1e3
         row["infer_tflops"] = 2 * gmacs * row["infer_fwd_s"] / 1e3
         row["train_frac_peak"], row["infer_frac_peak"] = row["train_tflops"] / peak, row["infer_tflops"] / peak
@@ -582,7 +603,10 @@ def train_recipe(ctx: Context, cfg: TrainConfig, base, splits: dict, labels, bud
     tr_idx, va_idx = (torch.from_numpy(splits[s]).to(dev) for s in ("train", "val"))
     x, y = engine.IndexedImages(base, tr_idx), labels[tr_idx]
     vx, vy = engine.IndexedImages(base, va_idx), labels[va_idx]
-    epochs, est = plan_epochs(ctx, cfg, x, y, len(tr_idx), len(va_idx), budget * 0.9)
+    if ctx.plan.acc_epochs:  # fixed work (--smoke): no timing probe decides how much is trained
+        epochs, est = ctx.plan.acc_epochs, None
+    else:
+        epochs, est = plan_epochs(ctx, cfg, x, y, len(tr_idx), len(va_idx), budget * 0.9)
     cfg = cfg.replace(epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs // 10))
     tr = Trainer(recipe_model(cfg, dev), cfg, y, dev)
     sched = engine.build_scheduler(cfg, tr.optimizer)
@@ -688,7 +712,7 @@ def packing_worker(spec: dict) -> None:
                 raise SystemExit(f"packing worker {rank}: no go signal for round {k}")
             time.sleep(0.005)
         n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < spec["seconds"]:
+        while (n < spec["steps"] * spec["batch"]) if spec["steps"] else (time.perf_counter() - t0 < spec["seconds"]):
             n += tr.epoch(images, labels, epoch)["images"]
             epoch += 1
         seconds = time.perf_counter() - t0
@@ -705,11 +729,13 @@ def _wait_for(paths: list[Path], procs: list[subprocess.Popen], timeout: float, 
 
 
 def packing_rounds(ctx: Context, tmp: Path) -> tuple[list[dict], float, float]:
-    """Start max(k) worker processes once; release k of them together per round; sum their images/s."""
+    """Start max(k) worker processes once; release k of them together per round; sum their images/s. Each round
+    runs ``plan.packing_s`` seconds (within the budget), or ``plan.packing_steps`` steps per worker (fixed work;
+    ``seconds`` is then ``None`` and the waits allow minutes for what takes seconds)."""
     plan, ks = ctx.plan, sorted(ctx.plan.packing_ks)
-    seconds = max(0.5, min(plan.packing_s, (ctx.left() - 20) / len(ks)))  # ~20 s of the budget for start-up
+    seconds = None if plan.packing_steps else max(0.5, min(plan.packing_s, (ctx.left() - 20) / len(ks)))
     spec = {"device": str(ctx.device), "batch": plan.packing_batch, "seconds": seconds, "rounds": ks,
-            "dir": str(tmp), "cpus": os.cpu_count() or 1, "wait_s": 600}
+            "steps": plan.packing_steps, "dir": str(tmp), "cpus": os.cpu_count() or 1, "wait_s": 600}
     procs, t0 = [], time.perf_counter()
     for rank in range(ks[-1]):
         with open(tmp / f"err_{rank}", "w") as err:
@@ -723,7 +749,7 @@ def packing_rounds(ctx: Context, tmp: Path) -> tuple[list[dict], float, float]:
         for k in ks:
             (tmp / f"go_{k}").touch()
             results = [tmp / f"result_{k}_{r}.json" for r in range(k)]
-            _wait_for(results, procs, seconds + 120, f"round {k}", tmp)
+            _wait_for(results, procs, 300 if seconds is None else seconds + 120, f"round {k}", tmp)
             per = [(d := json.loads(p.read_text()))["images"] / d["seconds"] for p in results]
             rows.append({"processes": k, "aggregate_img_s": sum(per), "per_process_img_s": per,
                          "gain_vs_1": sum(per) / (rows[0]["aggregate_img_s"] if rows else sum(per))})
@@ -747,7 +773,7 @@ def section_packing(ctx: Context) -> dict:
     good = [r for r in rows if r["gain_vs_1"] >= 1.3]
     best = max(good, key=lambda r: r["gain_vs_1"]) if good else rows[0]
     return {"table": rows, "model": "basic_cnn", "img_size": 48, "batch": plan.packing_batch,
-            "seconds_per_round": seconds, "workers_startup_s": startup_s,
+            "seconds_per_round": seconds, "steps_per_round": plan.packing_steps, "workers_startup_s": startup_s,
             "rule": "1/k for the k with the best aggregate gain >= 1.3x, else 1",
             "recommended_gpus_per_trial": 1.0 / best["processes"]}
 
@@ -764,13 +790,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in the fixed order")
     p.add_argument("--recipe", default="sweeps/fer2013_gpu.yaml", help="sweep file whose train config is trained")
     p.add_argument("--acc-model", help="train this registered model with the recipe (default: the recipe's)")
-    p.add_argument("--correctness-s", type=float, default=None, help="budget (default 60; smoke 40)")
-    p.add_argument("--throughput-s", type=float, default=None, help="budget (default 90; smoke 10)")
-    p.add_argument("--budget-s", type=float, default=None, help="accuracy training budget (default 240; smoke 5)")
-    p.add_argument("--packing-s", type=float, default=None, help="budget (default 60; smoke 30)")
+    p.add_argument("--correctness-s", type=float, default=None, help="budget (default 60; smoke: none)")
+    p.add_argument("--throughput-s", type=float, default=None, help="budget (default 90; smoke: none)")
+    p.add_argument("--budget-s", type=float, default=None, help="accuracy training budget (default 240; smoke: none)")
+    p.add_argument("--packing-s", type=float, default=None, help="budget (default 60; smoke: none)")
     p.add_argument("--packing-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = (40, 10, 5, 30) if args.smoke else (60, 90, 240, 60)
+    # The smoke does fixed work (``Plan.smoke``) with no budget: a slow machine makes it slower, never different.
+    defaults = (math.inf,) * 4 if args.smoke else (60, 90, 240, 60)
     for name, value in zip(("correctness_s", "throughput_s", "budget_s", "packing_s"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -788,8 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.smoke() if args.smoke else Plan()
     if args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # intra-op threads stall when the box is shared (CI): one thread times predictably
-    budgets = {"environment": 60, "correctness": args.correctness_s, "throughput": args.throughput_s,
-               "accuracy": args.budget_s, "packing": args.packing_s}
+    budgets = {"environment": math.inf if args.smoke else 60, "correctness": args.correctness_s,
+               "throughput": args.throughput_s, "accuracy": args.budget_s, "packing": args.packing_s}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     report = Report(Path(args.out), {"date": datetime.date.today().isoformat(), "device_name": device_name,
                                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

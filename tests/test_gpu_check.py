@@ -4,11 +4,15 @@ The same code paths run on the GPU machine (``make gpu-check``): the CPU takes b
 fp16 through autocast plus ``torch.amp.GradScaler("cpu")``, and DDP through gloo instead of nccl.
 """
 
+import argparse
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fer_ray import engine
@@ -52,3 +56,87 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert packing["recommended_gpus_per_trial"] in (1.0, 0.5, 0.25)
     text = reports[0].with_suffix(".md").read_text()
     assert all(f"{name}: ok" in text for name in SECTIONS)
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    """``scripts/gpu_check.py`` imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("gpu_check", None)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stub_correctness(gpu_check, monkeypatch, clock: FakeClock, step_s: float) -> list:
+    """Replace the correctness checks by stubs; each training run moves ``clock`` on by ``step_s``."""
+    runs = []
+
+    def train(ctx, name, precision):
+        runs.append((name, precision))
+        ctx.trained[name] = object()
+        clock.now += step_s
+        return {"pass": True}
+
+    monkeypatch.setattr(gpu_check, "train_fixed_batch", train)
+    monkeypatch.setattr(gpu_check, "ddp_check", lambda ctx: {"pass": True})
+    monkeypatch.setattr(gpu_check, "tta_device_vs_cpu", lambda ctx, model: {"pass": True})
+    return runs
+
+
+def context(gpu_check, clock: FakeClock, budget: float):
+    return gpu_check.Context(argparse.Namespace(smoke=True), torch.device("cpu"), gpu_check.Plan.smoke(),
+                             emit=lambda **kv: None, deadline=clock.now + budget, clock=clock)
+
+
+def test_correctness_budget_skips_models_and_reports_them(gpu_check, monkeypatch):
+    """The real run's budget: once it is spent (here after basic_cnn's 3 runs, by the injected clock), the models
+    left are skipped and named in the section's result; the first model always runs."""
+    clock = FakeClock()
+    runs = stub_correctness(gpu_check, monkeypatch, clock, step_s=10.0)
+    result = gpu_check.section_correctness(context(gpu_check, clock, budget=25.0))
+    assert runs == [("basic_cnn", p) for p in gpu_check.PRECISIONS]
+    assert result["skipped_for_budget"] == ["resnet_fer", "timm/resnet18"]
+    assert [r["model"] for r in result["training"]] == ["basic_cnn"] * 3 and result["failed_checks"] == []
+    clock = FakeClock()
+    runs = stub_correctness(gpu_check, monkeypatch, clock, step_s=10.0)
+    result = gpu_check.section_correctness(context(gpu_check, clock, budget=-1.0))  # spent before it starts
+    assert len(runs) == 3 and result["skipped_for_budget"] == ["resnet_fer", "timm/resnet18"]
+
+
+def test_smoke_has_no_budget_and_fixed_work(gpu_check, monkeypatch):
+    """``--smoke`` sets every budget to infinity and sizes every section in steps/epochs, so however slow the
+    machine (here: an hour per training run), all 9 correctness runs happen."""
+    args = gpu_check.parse_args(["--smoke"])
+    assert all(math.isinf(getattr(args, n)) for n in ("correctness_s", "throughput_s", "budget_s", "packing_s"))
+    assert not any(math.isinf(getattr(gpu_check.parse_args([]), n)) for n in ("correctness_s", "budget_s"))
+    plan = gpu_check.Plan.smoke()
+    assert plan.tp_steps and plan.acc_epochs and plan.packing_steps
+    clock = FakeClock()
+    runs = stub_correctness(gpu_check, monkeypatch, clock, step_s=3600.0)
+    result = gpu_check.section_correctness(context(gpu_check, clock, budget=args.correctness_s))
+    assert len(runs) == 9 and result["skipped_for_budget"] == []
+
+
+def test_throughput_budget_skips_models_and_reports_them(gpu_check, monkeypatch):
+    clock = FakeClock()
+
+    def measure(ctx, name, amp_cfg, peak):
+        clock.now += 10.0
+        return [{"model": name, "train_img_s": 1.0, "infer_img_s": 1.0}]
+
+    monkeypatch.setattr(gpu_check, "measure_model", measure)
+    monkeypatch.setattr(gpu_check, "matmul_peak_tflops", lambda device, n: 1.0)
+    result = gpu_check.section_throughput(context(gpu_check, clock, budget=5.0))
+    assert [r["model"] for r in result["table"]] == ["basic_cnn"] and result["skipped_for_budget"] == ["resnet_fer"]
