@@ -7,7 +7,9 @@ a multiply-add once). ``write_report`` adds a self-contained HTML page, headed b
 accuracy vs GMACs with the Pareto front, the budget-search Pareto front (``pareto.csv``) with report accuracy
 annotated, reliability diagrams of the best ensemble before/after temperature scaling, the confusion matrix and
 per-class recall (on the first report split and on every external dataset ``fer-ray evaluate`` added), and ASHA's
-trial curves.
+trial curves. The page's leaderboard shows the key columns (``key_columns``) in one table that fits a 1400-px
+window; every other column sits in a second table behind a ``<details>`` toggle (``scripts/screenshot_report.py``
+checks the fit in headless Chromium).
 """
 
 from __future__ import annotations
@@ -91,6 +93,37 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
         return board
     return board.sort_values([f"oof_acc_{select}", f"acc_{select}"], ascending=False,
                              na_position="last").reset_index(drop=True)
+
+
+def key_columns(board: pd.DataFrame, roles: dict[str, str]) -> list[str]:
+    """The leaderboard columns the HTML report shows first, in order: what an entry is and costs, its out-of-fold and
+    in-sample accuracy on the selection split, accuracy and macro-F1 on the first report split. The rest of the
+    columns go behind the page's toggle."""
+    select, report = next(s for s, r in roles.items() if r == "select"), _report_split(roles)
+    cols = ["name", "kind", "arch", "img_size", "tta_views", "total_gmacs", f"oof_acc_{select}", f"acc_{select}"]
+    cols += [f"acc_{report}", f"macro_f1_{report}"] if report else []
+    return [c for c in cols if c in board.columns]
+
+
+def _html_tables(board: pd.DataFrame, roles: dict[str, str]) -> list[str]:
+    """The leaderboard as HTML: the key columns in ``table#leaderboard``, then ``details#all-columns`` holding
+    ``name`` and every other column in ``table#leaderboard-rest``, inside a box that scrolls on its own."""
+    if board.empty:
+        return ["<p>(empty leaderboard)</p>"]
+    key = key_columns(board, roles)
+    rest = [c for c in board.columns if c not in key]
+    fmt = {"index": False, "float_format": lambda x: f"{x:.4f}", "border": 0, "na_rep": ""}
+    select = next(s for s, r in roles.items() if r == "select")
+    html = ["<h2>Leaderboard</h2>",
+            f"<p>Ranked by <code>oof_acc_{select}</code> (out-of-fold for fitted ensembles, plain {select} accuracy "
+            "for single models), then the in-sample figure. Every column is in <code>leaderboard.csv</code>.</p>",
+            board[key].to_html(table_id="leaderboard", classes="key", **fmt)]
+    if rest:
+        html += [f"<details id='all-columns'><summary>The other {len(rest)} columns: "
+                 f"{', '.join(rest[:6])}{', …' if len(rest) > 6 else ''}</summary><div class='wide'>",
+                 board[["name", *rest]].to_html(table_id="leaderboard-rest", classes="rest", **fmt),
+                 "</div></details>"]
+    return html
 
 
 def format_table(board: pd.DataFrame) -> str:
@@ -270,11 +303,17 @@ def write_report(exp: Experiment | str, out: str | None = None, board: pd.DataFr
              "md": folder.write_text("leaderboard.md", markdown)}
     figs = _plots(exp, board, roles) if not board.empty else {}
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>fer_ray report</title>",
+            "<meta name='viewport' content='width=device-width'>",
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-            "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>",
+            "td,th{border:1px solid #ccc;padding:3px 6px}td{text-align:right}"
+            "table.key td:nth-child(-n+3){text-align:left;overflow-wrap:anywhere}"
+            "table.rest td:first-child{text-align:left;white-space:nowrap}table.rest td:nth-child(2){text-align:left;"
+            "min-width:8em}"
+            "details{margin:1em 0}summary{cursor:pointer}.wide{max-width:100%;overflow-x:auto}"
+            "img{max-width:100%;height:auto}</style></head><body>",
             f"<h1>fer_ray report: {exp.name}</h1><p><b>{role_line}</b>. Selection and ensemble fitting used only the "
             "select split. Efficiency = report accuracy % / (2 × total GMACs).</p>",
-            board.to_html(index=False, float_format=lambda x: f"{x:.4f}")]
+            *_html_tables(board, roles)]
     html += [f"<h2>{title}</h2><img src='{uri}'/>" for title, uri in figs.items()]
     paths["html"] = folder.write_text("report.html", "\n".join(html) + "</body></html>\n")
     return paths
