@@ -2,8 +2,9 @@
 
 A checkpoint file is one ``torch.save`` payload holding ``arch``, ``model_args`` (what ``create_model`` needs),
 ``fer_cfg`` (input size, channels, normalisation), the trial ``config``, ``epoch``, ``metrics``, the model
-``state_dict`` and the optimizer/scheduler/GradScaler states for resuming. Training writes it into a local temp
-folder that Ray Train (or Ray Tune, for in-process trials) persists to the experiment's storage
+``state_dict``, the optimizer/scheduler/GradScaler states for resuming and, from training, ``profile`` (input size,
+channels, parameters and GMACs, counted once when the run built the model: ``checkpoint_profile``). Training writes
+it into a local temp folder that Ray Train (or Ray Tune, for in-process trials) persists to the experiment's storage
 (``ray.train.report(checkpoint=Checkpoint.from_directory(d))``); from then on it is read by location: a local path
 or any URI ``fer_ray.storage`` opens (``s3://...``), or a ``ray.train.Checkpoint``. It is loaded with
 ``weights_only=True`` only after its sha256 matches ``manifest.json`` beside it, so a tampered file is refused.
@@ -126,6 +127,18 @@ def load_ray_checkpoint(checkpoint) -> dict:
     """Load (and verify) the payload inside a ``ray.train.Checkpoint``, reading it from its storage in place."""
     folder, name = ray_checkpoint_file(checkpoint)
     return _load(folder, name, verify=True)
+
+
+def checkpoint_profile(ckpt: dict) -> dict:
+    """``{"img_size", "in_chans", "params", "gmacs"}`` of a checkpoint's model: the ``profile`` training recorded
+    (``fer_ray.loop.TrainingRun``) or, in a checkpoint written without one, counted on the model rebuilt from the
+    checkpoint (no weights loaded; GMACs NaN without fvcore)."""
+    if ckpt.get("profile"):
+        return dict(ckpt["profile"])
+    from fer_ray.flops import profile_model
+
+    model = create_model(ckpt["arch"], **ckpt["model_args"])
+    return profile_model(model)
 
 
 def model_from_checkpoint(ckpt: dict | str | Path, weights: str = "raw") -> nn.Module:

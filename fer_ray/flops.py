@@ -3,7 +3,8 @@
 fvcore counts one multiply-add as one "flop", so its totals are MACs: every number here is GMACs (multiply by 2
 for FLOPs). ``F.scaled_dot_product_attention``, which fvcore does not know, is counted as its two matmuls.
 fvcore is optional: where it cannot be imported (a GPU machine without its wheel), ``count_gmacs`` returns NaN
-and ``FVCORE_ERROR`` says why; parameter counts and everything else still work.
+and ``FVCORE_ERROR`` says why; parameter counts and everything else still work. ``profile_model`` is what a
+training run records in its checkpoints (``fer_ray.loop.TrainingRun.profile``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def count_gmacs(model: nn.Module, in_chans: int | None = None, img_size: int | N
         model.train(was_training)
 
 
+def profile_model(model: nn.Module) -> dict:
+    """``{"img_size", "in_chans", "params", "gmacs"}`` of ``model`` at its ``fer_cfg`` input (GMACs NaN without
+    fvcore): what ``fer_ray.loop.TrainingRun`` records in its checkpoints and ``trials.parquet`` reports."""
+    cfg = getattr(model, "fer_cfg", {})
+    return {"img_size": cfg.get("img_size", 48), "in_chans": cfg.get("in_chans", 1),
+            "params": count_params(model), "gmacs": float(count_gmacs(model))}
+
+
 def model_profile(name: str, img_size: int | None = None, **kwargs) -> dict:
     """Build ``name`` (pretrained=False) and report its size and compute.
 
@@ -86,7 +95,4 @@ def model_profile(name: str, img_size: int | None = None, **kwargs) -> dict:
     """
     from fer_ray.models import create_model
 
-    model = create_model(name, img_size=img_size, **kwargs)
-    cfg = model.fer_cfg
-    return {"arch": name, "img_size": cfg["img_size"], "in_chans": cfg["in_chans"], "params": count_params(model),
-            "gmacs": count_gmacs(model)}
+    return {"arch": name, **profile_model(create_model(name, img_size=img_size, **kwargs))}

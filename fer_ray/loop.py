@@ -7,21 +7,28 @@ the tests); ``scripts/gpu_check.py`` and the benchmarks run it bare. The state a
 optimizer, LR scheduler, GradScaler, history, freeze phase) is one ``state_dict()``, and ``load_state_dict`` puts
 it back exactly: with every random draw of an epoch seeded from (seed, epoch, rank) (``engine.seed_epoch``), a run
 resumed at any epoch, the unfreeze epoch of the two-phase recipe included, continues as the uninterrupted one.
+Set-up also counts the model's size and compute once, on rank 0 (``profile``: parameters, GMACs by fvcore when
+it is installed), and every checkpoint carries them, so collecting a trial (``fer_ray.sweep.trial_row``) never
+rebuilds its model.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 import warnings
 
 import numpy as np
 import torch
 
-from fer_ray import engine
+from fer_ray import engine, flops
 from fer_ray.checkpoint import make_payload
 from fer_ray.config import TrainConfig
 from fer_ray.data.augment import Augment, Preprocess
 from fer_ray.models import create_model
+
+log = logging.getLogger(__name__)
 
 
 class Hook:
@@ -94,6 +101,18 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     return model
 
 
+def profile(module: torch.nn.Module) -> dict:
+    """``fer_ray.flops.profile_model`` of a freshly built model, on CPU, leaving the random state as it was; a model
+    fvcore cannot trace gets NaN GMACs (with a warning) rather than failing the run."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return flops.profile_model(module)
+        except Exception as e:  # noqa: BLE001  (tracing raises many types)
+            log.warning("GMACs of %s not counted (%s: %s)", module.fer_cfg.get("arch"), type(e).__name__, e)
+            return {"img_size": module.fer_cfg["img_size"], "in_chans": module.fer_cfg["in_chans"],
+                    "params": flops.count_params(module), "gmacs": math.nan}
+
+
 def split_tensors(arrays: dict, device: torch.device) -> dict[str, tuple[engine.IndexedImages, torch.Tensor]]:
     """Train and val as (images view, labels) on ``device``, without copying the images per split.
 
@@ -126,6 +145,9 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         module = build_model(cfg)
         self.fer_cfg = module.fer_cfg
+        self.profile = profile(module) if rank == 0 else {}
+        """The model's size and compute (``fer_ray.flops.profile_model``), counted once on rank 0 when it is built and
+        recorded in every checkpoint (``profile``) for ``fer_ray.sweep.trial_row``; empty on the other ranks."""
         self.module = module.to(device, memory_format=torch.channels_last)
         self.preprocess = Preprocess.for_model(self.fer_cfg).to(device)
         self.augment = Augment(cfg.augment, crop=self.fer_cfg["img_size"] if cfg.input == "center_crop" else 0)
@@ -199,7 +221,8 @@ class TrainingRun:
         """The self-describing checkpoint payload of the run as it stands (``fer_ray.checkpoint``)."""
         return make_payload(self.module, self.epoch, self.run_config, {"history": self.history, **self.history[-1]},
                             self.optimizer.state_dict(), self.scheduler.state_dict() if self.scheduler else None,
-                            self.scaler.state_dict() if self.scaler else None, frozen=self.frozen, **self.extra_state)
+                            self.scaler.state_dict() if self.scaler else None, frozen=self.frozen, profile=self.profile,
+                            **self.extra_state)
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a payload of ``state_dict``: weights, optimizer, scheduler, GradScaler, history, phase."""

@@ -31,13 +31,12 @@ from ray.tune.experiment import Trial
 from ray.tune.search import BasicVariantGenerator
 
 from fer_ray import cluster
-from fer_ray.checkpoint import load_checkpoint
+from fer_ray.checkpoint import checkpoint_profile, load_checkpoint
 from fer_ray.config import SweepConfig, TrainConfig, set_path
 from fer_ray.data import CLASSES, prepare_dataset
 from fer_ray.data.dataset import fingerprint
 from fer_ray.experiment import TUNE, Experiment, as_experiment
-from fer_ray.flops import count_gmacs, count_params
-from fer_ray.loop import best_entry, build_model
+from fer_ray.loop import best_entry
 from fer_ray.names import SPLIT_ROLES
 from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources
 from fer_ray.schedulers import (
@@ -155,6 +154,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
     distill``), with ``data_ref`` (an object-store reference from ``put_dataset``) as the shared dataset.
     ``verbose``: Ray's trial tables and worker logs too (else one line per trial epoch).
     """
+    from fer_ray import footprint
     from fer_ray.models import check_model_names
 
     exp = as_experiment(exp)
@@ -167,6 +167,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
             exp.check_data(fingerprint(data, splits), cfg.data.path or "the synthetic generator")
         cluster.init_ray(num_cpus=num_cpus, verbose=verbose)
         data_ref = cluster.put_dataset(data, splits)
+    footprint.release_quietly(exp)  # what an earlier driver's trials left (a killed driver, before --resume)
     if not verbose:  # Tune's new console output prints its header and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Every kept checkpoint forces a snapshot of Tune's (small) experiment state; concurrent trials that report
@@ -193,8 +194,12 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(
                                           **(CHECKPOINT_KEEP if cfg.keep_checkpoints == "best" else KEEP_ALL)),
-                                      callbacks=[EpochLines(), *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
-    tuner.fit()
+                                      callbacks=[EpochLines(), footprint.ReleaseStopped(exp),
+                                                 *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
+    try:
+        tuner.fit()
+    finally:  # every stopped trial's placement group and resource request, so the cluster can scale down
+        footprint.release_quietly(exp, wait_s=30)
     return collect_trials(exp, cfg, group)
 
 
@@ -229,12 +234,13 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
         for epoch in [e for e in checkpoints if e not in wanted]:
             exp.delete_checkpoint(checkpoints.pop(epoch))
     location = checkpoints[best["epoch"]]
-    train_cfg = load_checkpoint(location)["config"]
+    ckpt = load_checkpoint(location)
+    train_cfg = ckpt["config"]
     tc = TrainConfig.from_dict(train_cfg, "train")
-    model = build_model(tc.replace(pretrained=False))
-    row = {"trial_id": trial_id, "arch": tc.model, "img_size": model.fer_cfg["img_size"],
-           "in_chans": model.fer_cfg["in_chans"], "params": count_params(model), "gmacs": count_gmacs(model),
-           "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs_run": len(history),
+    profile = checkpoint_profile(ckpt)  # recorded by training; counted on the rebuilt model for older checkpoints
+    row = {"trial_id": trial_id, "arch": tc.model, "img_size": profile["img_size"], "in_chans": profile["in_chans"],
+           "params": profile["params"], "gmacs": profile["gmacs"], "best_val_acc": best["val_acc"],
+           "best_epoch": best["epoch"], "epochs_run": len(history),
            "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
            "config": json.dumps(train_cfg, sort_keys=True)}
     return row, library_rows(row, history, checkpoints, keep)

@@ -136,3 +136,34 @@ def test_trial_row_cuts_the_history_back_to_the_latest_checkpoint(tmp_path):
     assert (row["epochs_run"], row["best_epoch"], row["best_val_acc"], row["stopped_early"]) == (1, 1, 0.4, True)
     assert exp.history("t0") == [{"epoch": 1, "val_acc": 0.4}]
     assert exp.metrics("t0")["epoch"].tolist() == [1]
+
+
+def test_trial_row_reads_params_and_gmacs_from_the_checkpoint(tmp_path, monkeypatch):
+    """Training counts the model's size and compute once, on rank 0, when it builds the model, and records them in
+    every checkpoint; trial_row reads them there, and rebuilds the model only for a checkpoint written before they
+    were recorded (the same numbers either way)."""
+    from fer_ray import checkpoint, flops
+    from fer_ray.checkpoint import write_checkpoint
+    from fer_ray.data import split_indices, synthetic
+    from fer_ray.loop import TrainingRun
+
+    data = synthetic.generate(64, seed=0)
+    arrays = {**data.to_arrays(), "splits": split_indices(data, 0.25, seed=0)}
+    cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=1, batch_size=16, num_workers=0, cpus_per_worker=1)
+    assert TrainingRun(cfg, arrays, torch.device("cpu"), rank=1).profile == {}  # counted on rank 0 only
+    run = TrainingRun(cfg, arrays, torch.device("cpu"))
+    run.fit()
+    expected = flops.profile_model(create_model("basic_cnn", img_size=32))
+    assert run.state_dict()["profile"] == pytest.approx(expected, nan_ok=True) and expected["params"] > 0
+    exp = Experiment(str(tmp_path / "exp"))
+    old = {k: v for k, v in run.state_dict().items() if k != "profile"}  # as checkpoints were written before
+    for trial, payload in (("new", run.state_dict()), ("old", old)):
+        write_checkpoint(tmp_path / "exp" / "tune" / trial / "checkpoint_000000", payload)
+        exp.write_history(trial, run.history)
+    built = []
+    monkeypatch.setattr(checkpoint, "create_model", lambda *a, **kw: built.append(a) or create_model(*a, **kw))
+    rows = {trial: trial_row(exp, trial)[0] for trial in ("new", "old")}
+    assert built == [("basic_cnn",)], "only the checkpoint without a profile has its model rebuilt"
+    for row in rows.values():
+        assert {k: row[k] for k in expected} == pytest.approx(expected, nan_ok=True)
+        assert (row["img_size"], row["in_chans"], row["arch"]) == (32, 1, "basic_cnn")
