@@ -1,29 +1,32 @@
 #!/usr/bin/env python3
-"""The GPU proof of issue 14: one Ray-free process that shows fer_ray's GPU paths work, and how fast.
+"""The GPU proof of issue 14: one process that shows fer_ray's GPU paths work, and how fast.
 
-This script owns ``make gpu-check``. It runs fer_ray's own engine (``fer_ray.engine``, ``models``, ``data``,
-``tta``, ``flops``, ``gpu``) without Ray and writes ``gpu_check_<date>.json`` and ``.md`` into ``--out``. Sections,
-in this order, each written to both files as it progresses (a run cut short keeps what it finished), each wrapped
-so that an exception is recorded (with its traceback tail) and the next section still runs:
+This script owns ``make gpu-check``. Its first five sections run without Ray: every model trains through
+``fer_ray.loop.TrainingRun`` (the loop each Ray trial runs, ``fer_ray.train.train_loop_per_worker``) with small
+hooks recording what the check needs (``Record``, ``OutputDtypes``, ``Budget``), so what the GPU proves is that
+loop. It writes ``gpu_check_<date>.json`` and ``.md`` into ``--out``. Sections, in this order, each written to both
+files as it progresses (a run cut short keeps what it finished), each wrapped so that an exception is recorded
+(with its traceback tail) and the next section still runs:
 
 a. ``environment``: GPU, compute capability, memory, torch/CUDA, arch list, ``gpu.preflight``'s verdict, the AMP
    dtype ``engine.autocast_dtype`` picks, package versions;
-b. ``correctness``: 30 steps of ``engine.train_one_epoch`` on a fixed batch for a seed CNN, a ResNet and a timm
+b. ``correctness``: ``TrainingRun.fit`` of 30 one-step epochs on a fixed batch for a seed CNN, a ResNet and a timm
    model in fp32, bf16 autocast and fp16 + GradScaler (finite, decreasing loss); a world-size-1
-   ``torch.distributed`` group (nccl; gloo on the CPU) around ``DistributedDataParallel``; ``tta.tta_logits`` of a
-   trained model on the device against the CPU (fp32, TF32 off, within 1e-3);
+   ``torch.distributed`` group (nccl; gloo on the CPU) around ``DistributedDataParallel`` (``TrainingRun``'s
+   ``wrap``); ``tta.tta_logits`` of a trained model on the device against the CPU (fp32, TF32 off, within 1e-3);
 c. ``throughput``: training and TTA-inference images/s of every registered model at its resolution, fp32 and AMP,
    channels-last, with GMACs and achieved TFLOP/s against the bf16 matmul peak measured in the same run;
 d. ``accuracy``: the recipe of ``--recipe`` (``sweeps/fer2013_gpu.yaml``) trained on FER-2013 Training for a wall
-   budget, the best-val weights TTA-scored on PublicTest (plus a snapshot ensemble of the best epochs);
+   budget with the hooks a trial runs (EMA, early stopping), the best-val weights TTA-scored on PublicTest (plus a
+   snapshot ensemble of the best epochs);
 e. ``packing``: aggregate training images/s of 1, 2 and 4 concurrent processes training basic_cnn on the one
    device, and the GPU fraction per trial it recommends.
 
-``--device cpu --smoke`` runs every section on synthetic data in two or three CPU minutes (``tests/test_gpu_check.py``).
-The smoke does fixed work (``Plan.smoke``: steps and epochs, never seconds) with every budget off, so no verdict of it
-depends on the machine's speed; the budgets (``--*-s``) hold for the real run, and the tests drive them with an
-injected clock (``Context.clock``).
-The repository root is put on ``sys.path``, so fer_ray need not be installed (the GPU machine has no Ray).
+``--device cpu --smoke`` runs every section on synthetic data in a few CPU minutes (``tests/test_gpu_check.py``).
+The smoke does fixed work (``Plan.smoke``: steps and epochs, never seconds) with every budget off, so no verdict of
+it depends on the machine's speed; the budgets (``--*-s``) hold for the real run, and the tests drive them with an
+injected clock (``Context.clock``, ``Budget``). The repository root is put on ``sys.path``, so fer_ray need not be
+installed.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ import torch  # noqa: E402
 from fer_ray import engine, flops  # noqa: E402
 from fer_ray.config import AugmentConfig, TrainConfig  # noqa: E402
 from fer_ray.data import FERData, split_indices, synthetic  # noqa: E402
-from fer_ray.data.augment import Augment, Preprocess  # noqa: E402
-from fer_ray.models import create_model, list_models, model_cfg  # noqa: E402
+from fer_ray.loop import EMA, EarlyStopping, Hook, TrainingRun, build_model  # noqa: E402
+from fer_ray.models import list_models, model_cfg  # noqa: E402
 
 SECTIONS = ("environment", "correctness", "throughput", "accuracy", "packing")
 CORRECTNESS_MODELS = ("basic_cnn", "resnet_fer", "timm/resnet18")
@@ -230,38 +233,89 @@ def render_markdown(doc: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
+#
+# Every model here trains through ``fer_ray.loop.TrainingRun``, the loop each Ray trial runs
+# (``fer_ray.train.train_loop_per_worker``), with the hooks below recording what the check needs: what the GPU
+# proves is that loop, not a copy of it.
 
 
-def build(name: str, device: torch.device, img_size: int | None = None, seed: int = 0) -> torch.nn.Module:
-    """A registered model (timm ones with ``pretrained=False``), channels-last on ``device``, as the trainer has it."""
-    torch.manual_seed(seed)
-    kwargs = {"pretrained": False} if name.startswith("timm/") else {}
-    model = create_model(name, num_classes=7, img_size=img_size, **kwargs)
-    return model.to(device, memory_format=torch.channels_last)
+def run_arrays(images: np.ndarray, labels: np.ndarray, train: np.ndarray | None = None,
+               val: np.ndarray | None = None) -> dict:
+    """The ``arrays`` a ``TrainingRun`` takes (``FERData.to_arrays()`` plus ``splits``; the trial gets the same from
+    the object store); ``train``/``val`` default to every image."""
+    every = np.arange(len(images))
+    return {"images": images, "labels": labels.astype(np.int64),
+            "splits": {"train": every if train is None else train, "val": every if val is None else val}}
 
 
-class Trainer:
-    """The trainer's per-run pieces around one model: preprocess, augment, optimizer, AMP dtype, scaler, loss."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, labels: torch.Tensor, device: torch.device):
-        self.model, self.cfg, self.device = model, cfg, device
-        module = model.module if hasattr(model, "module") else model
-        self.preprocess = Preprocess.for_model(module.fer_cfg).to(device)
-        crop = module.fer_cfg["img_size"] if module.fer_cfg.get("input") == "center_crop" else 0
-        self.augment = Augment(cfg.augment, crop=crop).to(device)
-        self.optimizer = engine.build_optimizer(cfg, model.parameters())
-        self.amp_dtype = engine.autocast_dtype(cfg, device)
-        self.scaler = engine.grad_scaler(device, self.amp_dtype)
-        self.loss_fn = engine.LossFn(cfg, labels)
-
-    def epoch(self, images, labels, epoch: int) -> dict:
-        return engine.train_one_epoch(self.model, images, labels, self.optimizer, self.preprocess, self.augment,
-                                      self.cfg, epoch, scaler=self.scaler, loss_fn=self.loss_fn)
-
-
-def synthetic_tensors(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     d = synthetic.generate(n, seed=seed)
-    return torch.from_numpy(d.images).to(device), torch.from_numpy(d.labels).to(device)
+    return d.images, d.labels.astype(np.int64)
+
+
+def random_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random 48-px faces and balanced labels: throughput and packing need shapes, not content."""
+    g = np.random.default_rng(seed)
+    return g.integers(0, 256, (n, 48, 48), dtype=np.uint8), np.arange(n, dtype=np.int64) % 7
+
+
+class Record(Hook):
+    """Keeps every epoch's metrics and the ``keep`` best-val states (``(val_acc, epoch, state)``, the later epoch on
+    ties, as ``fer_ray.loop.best_entry`` selects); ``on_epoch(run, metrics)`` is called after each epoch."""
+
+    def __init__(self, keep: int = 0, on_epoch: Callable | None = None):
+        self.keep, self.on_epoch = keep, on_epoch
+        self.epochs: list[dict] = []
+        self.best: list[tuple[float, int, dict]] = []
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        self.epochs.append(metrics)
+        if self.keep:
+            state = {k: v.detach().clone() for k, v in run.module.state_dict().items()}
+            self.best = sorted([*self.best, (metrics["val_acc"], run.epoch, state)],
+                               key=lambda b: (-b[0], -b[1]))[:self.keep]
+        if self.on_epoch:
+            self.on_epoch(run, metrics)
+
+
+class OutputDtypes(Hook):
+    """The dtypes of the model's outputs while the run trains (autocast's doing: bf16/fp16 logits under AMP)."""
+
+    def __init__(self):
+        self.dtypes: set[str] = set()
+        self._handle = None
+
+    def before_train(self, run: TrainingRun) -> None:
+        self._handle = run.module.register_forward_hook(lambda m, i, o: self.dtypes.add(str(o.dtype)))
+
+    def after_train(self, run: TrainingRun) -> None:
+        self._handle.remove()
+
+
+class Budget(Hook):
+    """Ends training (``run.stop``) when the next epoch would end past ``seconds`` after training began, at the mean
+    epoch time so far; ``inf`` never stops. ``clock``: injected by the tests."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter):
+        self.seconds, self.clock, self.stopped, self.t0, self.epochs = seconds, clock, False, 0.0, 0
+
+    def before_train(self, run: TrainingRun) -> None:
+        self.t0, self.epochs = self.clock(), 0
+
+    def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
+        self.epochs += 1
+        elapsed = self.clock() - self.t0
+        if elapsed * (self.epochs + 1) / self.epochs > self.seconds and run.epoch < run.cfg.epochs:
+            run.stop = self.stopped = True
+
+
+def train_steps(run: TrainingRun, steps: int, epoch: int) -> dict:
+    """``steps`` optimizer steps of ``engine.train_one_epoch`` on the run's first ``steps`` batches, with the run's
+    own model, optimizer, preprocess, augment, GradScaler and loss (the call ``TrainingRun.train_epoch`` makes),
+    without the evaluation: what the throughput table times."""
+    b = run.cfg.batch_size
+    return engine.train_one_epoch(run.model, run.train_x[:steps * b], run.train_y[:steps * b], run.optimizer,
+                                  run.preprocess, run.augment, run.cfg, epoch, scaler=run.scaler, loss_fn=run.loss_fn)
 
 
 def load_data(args: argparse.Namespace, plan: Plan) -> tuple[FERData, str]:
@@ -314,40 +368,40 @@ def section_environment(ctx: Context) -> dict:
 # --------------------------------------------------------------------------------------------- b. correctness
 
 
+def fixed_batch_config(name: str, precision: str, plan: Plan, **kw) -> TrainConfig:
+    return TrainConfig(model=name, img_size=plan.correctness_img_size.get(name), amp=PRECISIONS[precision],
+                       batch_size=plan.batch, epochs=plan.steps, optimizer="adam", lr=1e-3, scheduler="none",
+                       augment=AugmentConfig(strength=0.0, hflip=0.5), num_workers=0, **kw)
+
+
 def train_fixed_batch(ctx: Context, name: str, precision: str) -> dict:
-    """``plan.steps`` single-step epochs of ``engine.train_one_epoch`` on one fixed batch (it must overfit); the
-    fp32 model is kept in ``ctx.trained`` for the TTA comparison."""
+    """``TrainingRun.fit`` of ``plan.steps`` one-step epochs on one fixed batch (train and val: it must overfit);
+    the fp32 run is kept in ``ctx.trained`` for the TTA comparison."""
     plan, dev = ctx.plan, ctx.device
-    images, labels = synthetic_tensors(plan.batch, dev, seed=1)
-    model = build(name, dev, plan.correctness_img_size.get(name))
-    cfg = TrainConfig(model=name, amp=PRECISIONS[precision], batch_size=plan.batch, optimizer="adam", lr=1e-3,
-                      scheduler="none", augment=AugmentConfig(strength=0.0, hflip=0.5), num_workers=0)
-    tr = Trainer(model, cfg, labels, dev)
-    out_dtypes: set[str] = set()
-    hook = model.register_forward_hook(lambda m, i, o: out_dtypes.add(str(o.dtype)))
-    t0, losses = time.perf_counter(), []
-    try:
-        for step in range(plan.steps):
-            losses.append(tr.epoch(images, labels, step)["train_loss"])
-    finally:
-        hook.remove()
+    cfg = fixed_batch_config(name, precision, plan)
+    run = TrainingRun(cfg, run_arrays(*synthetic_arrays(plan.batch, seed=1)), dev)
+    rec, dtypes = Record(), OutputDtypes()
+    t0 = time.perf_counter()
+    run.fit([dtypes, rec])
+    losses = [m["train_loss"] for m in rec.epochs]
     w = plan.loss_window
     first, last = float(np.mean(losses[:w])), float(np.mean(losses[-w:]))
-    ok = bool(np.all(np.isfinite(losses)) and last < first)
-    row = {"model": name, "img_size": model.fer_cfg["img_size"], "precision": precision,
-           "amp_dtype": amp_name(tr.amp_dtype), "logits_dtype": ",".join(sorted(out_dtypes)),
-           "scaler": type(tr.scaler).__name__ if tr.scaler else None,
-           "scale": tr.scaler.get_scale() if tr.scaler else None, "steps": len(losses),
+    ok = bool(np.all(np.isfinite(losses)) and last < first and len(losses) == plan.steps)
+    row = {"model": name, "img_size": run.fer_cfg["img_size"], "precision": precision,
+           "amp_dtype": amp_name(run.amp_dtype), "logits_dtype": ",".join(sorted(dtypes.dtypes)),
+           "scaler": type(run.scaler).__name__ if run.scaler else None,
+           "scale": run.scaler.get_scale() if run.scaler else None, "steps": len(losses),
            f"loss_first{w}": first, f"loss_last{w}": last, "finite": bool(np.all(np.isfinite(losses))),
            "decreasing": last < first, "pass": ok, "s": time.perf_counter() - t0}
     log("correctness", f"{name} {precision}: loss {first:.3f} -> {last:.3f} ({'ok' if ok else 'FAIL'})")
     if precision == "fp32":
-        ctx.trained[name] = model
+        ctx.trained[name] = run
     return row
 
 
 def ddp_check(ctx: Context) -> dict:
-    """A world-size-1 process group (nccl on CUDA, gloo on the CPU) around DDP, stepping the trainer's AMP rule."""
+    """A world-size-1 process group (nccl on CUDA, gloo on the CPU) around DDP (``TrainingRun``'s ``wrap``, as Ray
+    Train's ``prepare_model`` wraps it), trained by ``TrainingRun.fit`` under the trainer's AMP rule."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -363,35 +417,37 @@ def ddp_check(ctx: Context) -> dict:
     try:
         t = torch.full((4,), 3.0, device=dev)
         dist.all_reduce(t)
-        images, labels = synthetic_tensors(plan.batch, dev, seed=2)
-        module = build("basic_cnn", dev)
-        model = DistributedDataParallel(module, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
-        cfg = TrainConfig(model="basic_cnn", batch_size=plan.batch, num_workers=1, scheduler="none")
-        before = [p.detach().clone() for p in module.parameters()]
-        tr = Trainer(model, cfg, labels, dev)
-        losses = [engine.train_one_epoch(model, images, labels, tr.optimizer, tr.preprocess, tr.augment, cfg, e,
-                                         rank=0, world_size=1, scaler=tr.scaler, loss_fn=tr.loss_fn)["train_loss"]
-                  for e in range(plan.ddp_steps)]
-        changed = any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+        cfg = TrainConfig(model="basic_cnn", batch_size=plan.batch, epochs=plan.ddp_steps, num_workers=1,
+                          scheduler="none")
+        ids = [dev.index or 0] if dev.type == "cuda" else None
+        run = TrainingRun(cfg, run_arrays(*synthetic_arrays(plan.batch, seed=2)), dev, rank=0, world=1,
+                          wrap=lambda m: DistributedDataParallel(m, device_ids=ids))
+        before = [p.detach().clone() for p in run.module.parameters()]
+        rec = Record()
+        run.fit([rec])
+        losses = [m["train_loss"] for m in rec.epochs]
+        changed = any(not torch.equal(a, b) for a, b in zip(before, run.module.parameters()))
+        wrapped = type(run.model).__name__
     finally:
         dist.destroy_process_group()
-    ok = bool(t.sum().item() == 12.0 and changed and np.all(np.isfinite(losses)))
+    ok = bool(t.sum().item() == 12.0 and changed and np.all(np.isfinite(losses))
+              and wrapped == "DistributedDataParallel")
     log("correctness", f"DDP {backend} world 1: losses {[round(x, 3) for x in losses]} ({'ok' if ok else 'FAIL'})")
-    return {"backend": backend, "all_reduce_ok": t.sum().item() == 12.0, "amp_dtype": amp_name(tr.amp_dtype),
-            "losses": losses, "params_changed": changed, "pass": ok}
+    return {"backend": backend, "all_reduce_ok": t.sum().item() == 12.0, "amp_dtype": amp_name(run.amp_dtype),
+            "wrapped_as": wrapped, "losses": losses, "params_changed": changed, "pass": ok}
 
 
-def tta_device_vs_cpu(ctx: Context, model: torch.nn.Module) -> dict:
-    """``tta_logits`` of one trained model (through a saved state dict) on the device and on the CPU, fp32."""
+def tta_device_vs_cpu(ctx: Context, run: TrainingRun) -> dict:
+    """``tta_logits`` of one trained run's model (through a saved state dict) on the device and on the CPU, fp32."""
     from fer_ray import tta
 
-    dev = ctx.device
+    dev, model = ctx.device, run.module
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
-    cpu_model = build(model.fer_cfg["arch"], torch.device("cpu"), model.fer_cfg["img_size"])
+    cpu_model = build_model(run.cfg)
     cpu_model.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
-    images, _ = synthetic_tensors(ctx.plan.tta_images, torch.device("cpu"), seed=3)
+    images = torch.from_numpy(synthetic_arrays(ctx.plan.tta_images, seed=3)[0])
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -401,8 +457,8 @@ def tta_device_vs_cpu(ctx: Context, model: torch.nn.Module) -> dict:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     diff = (on_dev - on_cpu).abs().max().item()
     agree = (on_dev.mean(0).argmax(1) == on_cpu.mean(0).argmax(1)).float().mean().item()
-    log("correctness", f"TTA {model.fer_cfg['arch']} {dev.type} vs cpu: max |diff| {diff:.2e}")
-    return {"model": model.fer_cfg["arch"], "views": list(TTA_VIEWS), "images": len(images),
+    log("correctness", f"TTA {run.cfg.model} {dev.type} vs cpu: max |diff| {diff:.2e}")
+    return {"model": run.cfg.model, "views": list(TTA_VIEWS), "images": len(images),
             "max_abs_diff": diff, "argmax_agreement": agree, "tolerance": 1e-3, "pass": diff <= 1e-3}
 
 
@@ -461,20 +517,19 @@ def matmul_peak_tflops(device: torch.device, n: int, repeat: int = 10) -> float:
     return 2 * n**3 * repeat / seconds / 1e12
 
 
-def time_training(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, target_s: float,
-                  steps: int | None = None) -> dict:
-    """Warm up, probe the step time, then time enough ``train_one_epoch`` passes over ``images`` to fill
+def time_training(run: TrainingRun, target_s: float, steps: int | None = None) -> dict:
+    """Warm up, probe the step time, then time enough ``train_steps`` passes over the run's images to fill
     ``target_s`` (each pass ends in ``.item()``, so the device is synchronised); ``steps``: exactly that many
     timed steps instead (fixed work)."""
-    b = tr.cfg.batch_size
-    tr.epoch(images[:2 * b], labels[:2 * b], 0)  # warm-up: kernels, cuDNN algorithm choice, allocator
+    b = run.cfg.batch_size
+    train_steps(run, 2, 0)  # warm-up: kernels, cuDNN algorithm choice, allocator
     if steps is None:
-        probe = tr.epoch(images[:3 * b], labels[:3 * b], 1)
+        probe = train_steps(run, 3, 1)
         steps = max(3, int(target_s / max(probe["train_time_s"] / 3, 1e-6)))
-    per_pass = min(steps, len(images) // b)
+    per_pass = min(steps, len(run.train_x) // b)
     seen, seconds, epoch = 0, 0.0, 2
     while seen < steps * b:
-        stats = tr.epoch(images[:per_pass * b], labels[:per_pass * b], epoch)
+        stats = train_steps(run, per_pass, epoch)
         seen, seconds, epoch = seen + stats["images"], seconds + stats["train_time_s"], epoch + 1
     return {"train_img_s": seen / seconds, "train_steps": seen // b}
 
@@ -509,20 +564,17 @@ def measure_model(ctx: Context, name: str, amp_cfg: str, peak: float) -> list[di
     plan, dev = ctx.plan, ctx.device
     size = model_cfg(name).img_size
     batch = plan.tp_batch if size <= 96 else plan.tp_batch_large
-    model = build(name, dev)
-    gmacs = flops.count_gmacs(model)
-    n = (64 if dev.type == "cuda" else 8) * batch
-    images = torch.randint(0, 256, (n, 48, 48), dtype=torch.uint8, device=dev)
-    labels = torch.randint(0, 7, (n,), device=dev)
-    rows = []
+    arrays = run_arrays(*random_arrays((64 if dev.type == "cuda" else 8) * batch), val=np.arange(7))
+    rows, gmacs = [], None
     for precision, amp in (("fp32", "off"), ("amp", amp_cfg)):
         cfg = TrainConfig(model=name, amp=amp, batch_size=batch, optimizer="sgd", lr=0.01, num_workers=0,
                           augment=AugmentConfig(hflip=0.5, rotate=10.0, translate=0.2, scale=0.2, erasing=0.5))
-        tr = Trainer(model, cfg, labels, dev)
-        row = {"model": name, "img_size": size, "precision": precision, "amp_dtype": amp_name(tr.amp_dtype),
+        run = TrainingRun(cfg, arrays, dev)
+        gmacs = flops.count_gmacs(run.module) if gmacs is None else gmacs
+        row = {"model": name, "img_size": size, "precision": precision, "amp_dtype": amp_name(run.amp_dtype),
                "batch": batch, "gmacs": gmacs}
-        row |= time_training(tr, images, labels, plan.tp_target_s, plan.tp_steps)
-        row |= time_inference(model, images, tr.amp_dtype, plan.tp_infer_batch, plan.tp_target_s,
+        row |= time_training(run, plan.tp_target_s, plan.tp_steps)
+        row |= time_inference(run.module, run.train_x.base, run.amp_dtype, plan.tp_infer_batch, plan.tp_target_s,
                               plan.tp_steps and plan.tp_steps * plan.tp_infer_batch)
         row["train_tflops"] = 2 * gmacs * 3 * row["train_img_s"] / 1e3
         row["infer_tflops"] = 2 * gmacs * row["infer_fwd_s"] / 1e3
@@ -530,7 +582,7 @@ def measure_model(ctx: Context, name: str, amp_cfg: str, peak: float) -> list[di
         rows.append(row)
         log("throughput", f"{name}@{size} {precision}: train {row['train_img_s']:.0f} img/s, "
                           f"TTA {row['infer_img_s']:.0f} img/s ({row['train_tflops']:.3g} TFLOP/s train)")
-    del model, images
+        del run
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -563,19 +615,11 @@ def section_throughput(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------------ d. accuracy
 
 
-def recipe_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The recipe's model as the trainer builds it (``fer_ray.loop.build_model``: its input mode included)."""
-    from fer_ray.loop import build_model
-
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.replace(pretrained=False)).to(device, memory_format=torch.channels_last)
-
-
 def recipe_config(ctx: Context, sweep) -> TrainConfig:
-    """The recipe's ``train`` config run in-process (no DDP workers), with the smoke model if asked. Its LR
-    schedule becomes a cosine over the epochs that fit the budget (set in ``train_recipe``): a plateau schedule
-    built for 300 epochs would not decay at all in a few minutes."""
-    cfg = sweep.train.replace(num_workers=0, scheduler="cosine")
+    """The recipe's ``train`` config run in-process (no DDP workers, no weights download), with the smoke model if
+    asked. Its LR schedule becomes a cosine over the epochs run (set in ``train_recipe``): a plateau schedule built
+    for 300 epochs would not decay at all in a few minutes."""
+    cfg = sweep.train.replace(num_workers=0, scheduler="cosine", pretrained=False)
     model = ctx.args.acc_model or ctx.plan.acc_model
     if model:
         cfg = cfg.replace(model=model)
@@ -584,50 +628,56 @@ def recipe_config(ctx: Context, sweep) -> TrainConfig:
     return cfg
 
 
-def plan_epochs(ctx: Context, cfg: TrainConfig, x, y, n_train: int, n_val: int, budget: float) -> tuple[int, float]:
-    """Epochs that fit ``budget``: time up to 50 steps of a throwaway copy of the model (after 5 warm-up steps)
-    and extrapolate to an epoch plus its evaluation (forward only, counted as a third of a training step)."""
-    tr = Trainer(recipe_model(cfg, ctx.device), cfg, y, ctx.device)
-    b = cfg.batch_size
-    tr.epoch(x[:5 * b], y[:5 * b], 0)
-    probe_steps = min(50, max(1, n_train // b))
-    probe = tr.epoch(x[:probe_steps * b], y[:probe_steps * b], 1)
-    per_image = probe["train_time_s"] / max(probe["images"] / cfg.aug_repeats, 1)  # per dataset image
-    epoch_s = per_image * (n_train + n_val / 3)
+def epochs_config(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    return cfg.replace(epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs // 10),
+                       freeze_epochs=min(cfg.freeze_epochs, epochs - 1))
+
+
+def plan_epochs(ctx: Context, cfg: TrainConfig, arrays: dict, budget: float) -> tuple[int, float]:
+    """Epochs that fit ``budget``: a throwaway ``TrainingRun`` on the first (up to) 25 batches of the training split
+    trains two epochs, the second timed, extrapolated to an epoch plus its evaluation (forward only, counted as a
+    third of a training step; twice with EMA weights)."""
+    splits, b = arrays["splits"], cfg.batch_size
+    n_train, n_val = len(splits["train"]), len(splits["val"])
+    steps = min(25, max(1, n_train // b))
+    probe = TrainingRun(epochs_config(cfg, 2), arrays | {"splits": {"train": splits["train"][:steps * b],
+                                                                    "val": splits["val"][:b]}}, ctx.device)
+    probe.train_epoch()  # warm-up: kernels, cuDNN algorithm choice, allocator
+    m = probe.train_epoch()
+    del probe
+    per_image = m["train_time_s"] / max(m["images"] / cfg.aug_repeats, 1)  # per dataset image
+    epoch_s = per_image * (n_train + n_val / 3 * (2 if cfg.ema.decay else 1))
     return max(1, int(budget / epoch_s)), epoch_s
 
 
-def train_recipe(ctx: Context, cfg: TrainConfig, base, splits: dict, labels, budget: float) -> dict:
-    """Epochs with ``engine.train_one_epoch`` / ``engine.evaluate``; the 3 best-val states are kept in memory."""
-    dev = ctx.device
-    tr_idx, va_idx = (torch.from_numpy(splits[s]).to(dev) for s in ("train", "val"))
-    x, y = engine.IndexedImages(base, tr_idx), labels[tr_idx]
-    vx, vy = engine.IndexedImages(base, va_idx), labels[va_idx]
+def train_recipe(ctx: Context, cfg: TrainConfig, arrays: dict, budget: float) -> dict:
+    """``TrainingRun.fit`` with the hooks a trial runs (EMA weights when the recipe has them, early stopping), a
+    ``Record`` of the 3 best-val states (in memory) and a ``Budget`` that ends training in time. The epochs are
+    ``plan.acc_epochs`` (fixed work), else what a timing probe says fits 90 % of the budget."""
     if ctx.plan.acc_epochs:  # fixed work (--smoke): no timing probe decides how much is trained
         epochs, est = ctx.plan.acc_epochs, None
     else:
-        epochs, est = plan_epochs(ctx, cfg, x, y, len(tr_idx), len(va_idx), budget * 0.9)
-    cfg = cfg.replace(epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs // 10))
-    tr = Trainer(recipe_model(cfg, dev), cfg, y, dev)
-    sched = engine.build_scheduler(cfg, tr.optimizer)
-    history, best, t0 = [], [], time.perf_counter()
-    for epoch in range(epochs):
-        stats = tr.epoch(x, y, epoch) | engine.evaluate(tr.model, vx, vy, tr.preprocess, cfg)
-        if sched is not None:
-            sched.step(stats["val_acc"]) if cfg.scheduler == "plateau" else sched.step()
-        history.append({"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": stats["val_acc"],
-                        "val_loss": stats["val_loss"], "wall_s": time.perf_counter() - t0})
-        state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
-        best = sorted([*best, (stats["val_acc"], epoch + 1, state)], key=lambda b: (-b[0], -b[1]))[:3]
-        log("accuracy", f"{cfg.model} epoch {epoch + 1}/{epochs}: val_acc {stats['val_acc']:.4f} "
+        epochs, est = plan_epochs(ctx, cfg, arrays, budget * 0.9)
+    cfg = epochs_config(cfg, epochs)
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0, history = time.perf_counter(), []
+
+    def progress(run: TrainingRun, m: dict) -> None:
+        history.append({k: m[k] for k in ("epoch", "train_loss", "val_acc", "val_loss", "val_acc_ema", "lr")
+                        if k in m} | {"wall_s": time.perf_counter() - t0})
+        log("accuracy", f"{cfg.model} epoch {run.epoch}/{epochs}: val_acc {m['val_acc']:.4f} "
                         f"({time.perf_counter() - t0:.0f} s)")
         ctx.emit(epochs=history)
-        elapsed = time.perf_counter() - t0
-        if elapsed * (epoch + 2) / (epoch + 1) > budget:  # the next epoch would end past the budget
-            break
+
+    run = TrainingRun(cfg, arrays, ctx.device)
+    record, budget_stop = Record(keep=3, on_epoch=progress), Budget(budget, ctx.clock)
+    hooks = [EMA(cfg.ema.decay, cfg.ema.warmup)] if cfg.ema.decay else []
+    run.fit([*hooks, EarlyStopping(cfg.early_stopping), record, budget_stop])
     train_s = time.perf_counter() - t0
-    return {"cfg": cfg, "model": tr.model, "history": history, "best": best, "train_s": train_s,
-            "planned_epochs": epochs, "estimated_epoch_s": est}
+    return {"cfg": cfg, "model": run.module, "history": history, "best": record.best, "train_s": train_s,
+            "planned_epochs": epochs, "estimated_epoch_s": est, "stopped_by_budget": budget_stop.stopped,
+            "hooks": [type(h).__name__ for h in run.hooks]}
 
 
 def score_public(ctx: Context, run: dict, images: torch.Tensor, labels: torch.Tensor, views: list[str]) -> dict:
@@ -651,6 +701,7 @@ def score_public(ctx: Context, run: dict, images: torch.Tensor, labels: torch.Te
 
 def section_accuracy(ctx: Context) -> dict:
     from fer_ray.config import load_sweep
+    from fer_ray.views import expand_views
 
     args, dev = ctx.args, ctx.device
     sweep = load_sweep(ROOT / args.recipe)
@@ -667,21 +718,19 @@ def section_accuracy(ctx: Context) -> dict:
     cfg = recipe_config(ctx, sweep)
     ctx.emit(data=source, load_s=load_s, dedup=dedup_info, recipe=args.recipe, budget_s=args.budget_s,
              split_sizes={k: len(v) for k, v in splits.items()}, config=cfg.to_dict())
-    base = torch.from_numpy(data.images).to(dev)
-    labels = torch.from_numpy(data.labels.astype(np.int64)).to(dev)
-    run = train_recipe(ctx, cfg, base, splits, labels, args.budget_s)
-    pub = torch.from_numpy(splits["public_test"]).to(dev)
-    from fer_ray.views import expand_views
-
-    scores = score_public(ctx, run, base[pub], labels[pub], expand_views(sweep.tta_views))
+    run = train_recipe(ctx, cfg, run_arrays(data.images, data.labels, splits["train"], splits["val"]), args.budget_s)
+    pub = torch.from_numpy(splits["public_test"])
+    images = torch.from_numpy(data.images)[pub].to(dev)
+    labels = torch.from_numpy(data.labels.astype(np.int64))[pub].to(dev)
+    scores = score_public(ctx, run, images, labels, expand_views(sweep.tta_views))
     log("accuracy", f"PublicTest {scores['public_test_acc_tta']:.4f} (TTA), "
                     f"{scores['public_test_acc_snapshot_ensemble']:.4f} (snapshot ensemble)")
     n_ep = len(run["history"])
     return {"epochs": run["history"], "epochs_run": n_ep, "planned_epochs": run["planned_epochs"],
             "estimated_epoch_s": run["estimated_epoch_s"], "train_s": run["train_s"],
-            "epochs_per_s": n_ep / run["train_s"], "model": run["cfg"].model,
+            "epochs_per_s": n_ep / run["train_s"], "model": run["cfg"].model, "loop_hooks": run["hooks"],
             "amp_dtype": amp_name(engine.autocast_dtype(run["cfg"], dev)),
-            "stopped_by_budget": n_ep < run["planned_epochs"],
+            "stopped_by_budget": run["stopped_by_budget"],
             "img_s_incl_eval": n_ep * len(splits["train"]) / run["train_s"], **scores}
 
 
@@ -689,20 +738,19 @@ def section_accuracy(ctx: Context) -> dict:
 
 
 def packing_worker(spec: dict) -> None:
-    """Worker ``rank`` of the packing rounds: warm up, signal ready; then in each round ``k`` with ``rank < k``, wait
-    for that round's go file, train basic_cnn for ``seconds`` and write its images/s. One start-up for all rounds."""
+    """Worker ``rank`` of the packing rounds: a ``TrainingRun`` of basic_cnn, warmed up by one epoch, signals ready;
+    then in each round ``k`` with ``rank < k``, it waits for that round's go file, runs ``train_epoch`` for
+    ``seconds`` (or ``steps`` steps) and writes its images/s. One start-up for all rounds."""
     dev, rank = torch.device(spec["device"]), spec["rank"]
     if dev.type == "cpu":  # all workers run at once: oversubscribed intra-op threads would stall each other
         torch.set_num_threads(max(1, spec["cpus"] // max(spec["rounds"])))
-    images = torch.randint(0, 256, (spec["batch"] * 8, 48, 48), dtype=torch.uint8, device=dev)
-    labels = torch.arange(len(images), device=dev) % 7
     cfg = TrainConfig(model="basic_cnn", batch_size=spec["batch"], optimizer="sgd", lr=0.01, num_workers=0,
-                      augment=AugmentConfig(hflip=0.5, rotate=10.0, translate=0.2, scale=0.2, erasing=0.5))
-    tr = Trainer(build("basic_cnn", dev), cfg, labels, dev)
-    tr.epoch(images, labels, 0)
+                      scheduler="none", augment=AugmentConfig(hflip=0.5, rotate=10.0, translate=0.2, scale=0.2,
+                                                              erasing=0.5))
+    run = TrainingRun(cfg, run_arrays(*random_arrays(spec["batch"] * 8, seed=rank), val=np.arange(7)), dev)
+    run.train_epoch()
     tmp = Path(spec["dir"])
     (tmp / f"ready_{rank}").touch()
-    epoch = 1
     for k in spec["rounds"]:
         if rank >= k:
             continue
@@ -713,8 +761,7 @@ def packing_worker(spec: dict) -> None:
             time.sleep(0.005)
         n, t0 = 0, time.perf_counter()
         while (n < spec["steps"] * spec["batch"]) if spec["steps"] else (time.perf_counter() - t0 < spec["seconds"]):
-            n += tr.epoch(images, labels, epoch)["images"]
-            epoch += 1
+            n += run.train_epoch()["images"]
         seconds = time.perf_counter() - t0
         (tmp / f"result_{k}_{rank}.json").write_text(json.dumps({"images": n, "seconds": seconds}))
 

@@ -140,3 +140,18 @@ def test_throughput_budget_skips_models_and_reports_them(gpu_check, monkeypatch)
     monkeypatch.setattr(gpu_check, "matmul_peak_tflops", lambda device, n: 1.0)
     result = gpu_check.section_throughput(context(gpu_check, clock, budget=5.0))
     assert [r["model"] for r in result["table"]] == ["basic_cnn"] and result["skipped_for_budget"] == ["resnet_fer"]
+
+
+def test_budget_hook_ends_a_training_run(gpu_check):
+    """The accuracy section's ``Budget`` hook ends ``TrainingRun.fit`` once the next epoch would end past the
+    budget (an injected clock: 10 s per epoch, 25 s of budget → 2 epochs of 6), and never with ``inf``."""
+    clock = FakeClock()
+    images, labels = gpu_check.synthetic_arrays(32)
+    cfg = TrainConfig(model="basic_cnn", batch_size=16, epochs=6, num_workers=0, scheduler="none")
+    run = gpu_check.TrainingRun(cfg, gpu_check.run_arrays(images, labels), torch.device("cpu"))
+    tick = gpu_check.Record(on_epoch=lambda run, m: setattr(clock, "now", clock.now + 10.0))
+    stop = gpu_check.Budget(25.0, clock)
+    assert len(run.fit([tick, stop])) == 2 and stop.stopped
+    run = gpu_check.TrainingRun(cfg.replace(epochs=3), gpu_check.run_arrays(images, labels), torch.device("cpu"))
+    stop = gpu_check.Budget(math.inf, clock)
+    assert len(run.fit([tick, stop])) == 3 and not stop.stopped
