@@ -1,7 +1,8 @@
 """fer_ray: train, sweep and ensemble FER-2013 models on Ray.
 
-Layers, bottom up: ``fer_ray.data`` (ingest, splits, augmentation), ``fer_ray.models`` (registry),
-``fer_ray.engine`` (pure-torch loops), ``fer_ray.train`` (Ray Train), ``fer_ray.sweep`` (Ray Tune + ASHA),
+Layers, bottom up: ``fer_ray.data`` (ingest, splits, augmentation, the prepared dataset), ``fer_ray.models``
+(registry), ``fer_ray.engine`` / ``fer_ray.loop`` (pure-torch loops, the training run), ``fer_ray.cluster`` (the Ray
+session), ``fer_ray.train`` (Ray Train), ``fer_ray.schedulers`` / ``fer_ray.sweep`` (Ray Tune + successive halving),
 ``fer_ray.tta`` / ``fer_ray.ensemble`` / ``fer_ray.report`` (logit store, combiners, leaderboard).
 """
 

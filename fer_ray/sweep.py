@@ -149,9 +149,10 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
               data_ref=None) -> pd.DataFrame:
     """Run (or resume) the sweep into ``exp`` and return the per-trial summary (``trials.parquet``).
 
-    ``prepared``: ``prepare_dataset(cfg.data)``'s result when the caller already holds it. ``group``: run the trials
-    under this prefix of the experiment, without writing its set-up files or ``trials.parquet`` (``fer-ray
-    distill``), with ``data_ref`` (an object-store reference from ``put_dataset``) as the shared dataset.
+    ``prepared``: ``fer_ray.data.prepare_dataset(cfg.data)``'s result when the caller already holds it. ``group``:
+    run the trials under this prefix of the experiment, without writing its set-up files or ``trials.parquet``
+    (``fer-ray distill``), with ``data_ref`` (an object-store reference from ``fer_ray.cluster.put_dataset``) as the
+    shared dataset.
     ``verbose``: Ray's trial tables and worker logs too (else one line per trial epoch).
     """
     from fer_ray.models import check_model_names
