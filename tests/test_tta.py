@@ -69,3 +69,68 @@ def test_inference_model_matches_the_model(name):
         assert inference_model(fast) is fast  # already laid out: scored as it is, not copied again
         assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=1e-3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def _kornia_reference(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The views as TTA computed them before the geometry table: kornia ``warp_affine`` (border padding) for
+    rotations, shifts and scalings, crop + ``F.interpolate`` for crops, ``torch.flip`` for flips."""
+    import kornia.geometry.transform as KT
+
+    from fer_ray.views import parse_view_spec
+
+    for op, args in parse_view_spec(name):
+        b, _, h, w = x.shape
+        if op == "hflip":
+            x = x.flip(-1)
+        elif op == "crop":
+            size, pos = args
+            top = {"tl": 0, "tr": 0, "bl": h - size, "br": h - size, "c": (h - size) // 2}[pos]
+            left = {"tl": 0, "tr": w - size, "bl": 0, "br": w - size, "c": (w - size) // 2}[pos]
+            x = torch.nn.functional.interpolate(x[..., top:top + size, left:left + size], size=(h, w),
+                                                mode="bilinear", align_corners=False)
+        else:
+            angle, shift, scale = {"rotate": (args[0], (0, 0), 1.0), "shift": (0.0, args, 1.0),
+                                   "scale": (0.0, (0, 0), args[0])}[op]
+            center = torch.tensor([[(w - 1) / 2, (h - 1) / 2]]).expand(b, 2)
+            mat = KT.get_rotation_matrix2d(center, torch.full((b,), angle), torch.full((b, 2), scale))
+            mat[:, 0, 2] += shift[0]
+            mat[:, 1, 2] += shift[1]
+            x = KT.warp_affine(x, mat, (h, w), padding_mode="border")
+    return x
+
+
+@pytest.mark.parametrize("size", [48, 40])
+def test_every_kind_of_view_matches_its_earlier_implementation(size):
+    """The geometry table executed by ``ViewStep`` (gather or ``grid_sample``) gives what kornia and
+    ``F.interpolate`` gave (float noise only), on the faces' size and on another one."""
+    from fer_ray.data import synthetic
+
+    x = torch.from_numpy(synthetic.generate(16, seed=3).images).unsqueeze(1).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear") if size != 48 else x
+    for view in [*VIEWS, "rot-7.5", "shift-3,2", "scale0.9", "crop40c", "crop36tl", "crop40tr", "crop40bl",
+                 "crop40br+hflip", "hflip+scale1.2+rot5", "crop24tl"]:
+        diff = (parse_view(view)(x) - _kornia_reference(view, x)).abs().max().item()
+        assert diff < 2e-5, (view, size, diff)
+
+
+def test_whole_pixel_views_are_exact_gathers():
+    x = torch.rand(3, 1, 48, 48)
+    assert [step.gather for step in parse_view("hflip+shift2,-1+crop48c")] == [True, True, True]
+    assert not parse_view("rot10")[0].gather and not parse_view("crop40c")[0].gather
+    rows, cols = (torch.arange(48) + 1).clamp(0, 47), (torch.arange(48) - 2).clamp(0, 47)  # border padding
+    assert torch.equal(parse_view("shift2,-1")(x), x[..., rows, :][..., cols])  # content moves 2 right, 1 up
+    assert torch.equal(parse_view("hflip+hflip")(x), x)
+
+
+def test_the_view_table_is_what_tta_and_export_run():
+    """One table (``fer_ray.views.GEOMETRY``) lists every step; the TTA modules are built from it alone."""
+    from fer_ray.tta import ViewStack, ViewStep
+    from fer_ray.views import GEOMETRY, parse_view_spec
+
+    assert set(GEOMETRY) == {op for v in ["hflip", "rot1", "shift1,1", "scale1.1", "crop40c"]
+                             for op, _ in parse_view_spec(v)}
+    stack = ViewStack(["identity", "hflip+rot10"])
+    assert all(isinstance(m, ViewStep) for m in stack.modules() if not isinstance(m, torch.nn.Sequential | ViewStack
+                                                                                   | torch.nn.ModuleList))
+    x = torch.rand(2, 1, 48, 48)
+    assert torch.equal(stack(x), torch.cat([x, parse_view("hflip+rot10")(x)]))
