@@ -2,11 +2,14 @@
 
 An ``EnsembleSpec`` (``ensembles/*.yaml`` or the CLI) names members explicitly or as ``{top_k, by}`` over
 ``trials.parquet``, the TTA views to use, and a combiner. Each member's views are averaged in logit space,
-then members are combined: ``mean_logits``, ``mean_probs``, ``nll_weights`` (simplex weights minimising NLL),
-``greedy`` (Caruana et al. 2004 forward selection with replacement) or ``stacking`` (logistic regression on the
-members' probabilities, C chosen by cross-validation); ``temperature: true`` adds temperature scaling per member
-and for the result. Anything fitted or selected uses the split whose role is ``select``; asking for a ``report``
-split raises ``ProtocolError``. ``run_ensemble`` writes ``ensembles/<name>.json`` with every fitted number
+then members are combined by a combiner of ``fer_ray.combiners`` (which owns their fitting and their math):
+``mean_logits``, ``mean_probs``, ``nll_weights`` (simplex weights minimising NLL), ``greedy`` (Caruana et al. 2004
+forward selection with replacement) or ``stacking`` (logistic regression on the members' probabilities, C chosen by
+cross-validation); ``temperature: true`` adds temperature scaling per member and for the result. This module owns
+choosing members, the fitting protocol (``fit_ensemble``: temperatures, the combiner's ``fit``, pruning) and the
+ensemble files; ``apply_fitted`` runs ``fer_ray.combiners.apply_fitted`` on numpy stacks. Anything fitted or
+selected uses the split whose role is ``select``; asking for a ``report`` split raises ``ProtocolError``.
+``run_ensemble`` writes ``ensembles/<name>.json`` with every fitted number
 (``reproduce_ensemble`` rebuilds the logits from it) and stores the combined logits as member
 ``ensemble:<name>`` for every split. ``budget_search`` grows candidate ensembles per TTA view subset, writes
 ``pareto.csv`` and builds the most accurate one under a GMACs budget. Cost = Σ member GMACs per view × views.
@@ -18,16 +21,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax
+import torch
 
+from fer_ray import combiners
+from fer_ray.combiners import (  # noqa: F401 - the fitting procedures, importable from here as before
+    REGISTRY,
+    fit_bagged_greedy,
+    fit_greedy,
+    fit_nll_weights,
+    fit_stacking,
+    fit_temperature,
+    get_combiner,
+)
 from fer_ray.config import ConfigError, _Config
 from fer_ray.experiment import Experiment, as_experiment
-from fer_ray.metrics import classification_metrics, softmax
+from fer_ray.metrics import classification_metrics
 from fer_ray.names import path_name_problem
 from fer_ray.store import LogitSet, StoreError, load_store, write_logits
 
-COMBINERS = ("mean_logits", "mean_probs", "nll_weights", "greedy", "stacking")
+COMBINERS = tuple(REGISTRY)
+"""The combiners registered in ``fer_ray.combiners`` when this module was imported (``EnsembleSpec`` checks the
+live registry)."""
 POOLS = {"trials": ("model",), "library": ("model", "snapshot", "ema")}
 """Which members (``Experiment.members`` kinds) a ``{top_k, pool}`` selection ranks."""
 GREEDY_METRICS = ("accuracy", "nll")
@@ -53,7 +67,7 @@ class EnsembleSpec(_Config):
     views: list | None = None
     """TTA views to use (``None``: every stored view)."""
     combiner: str = "mean_logits"
-    """One of ``COMBINERS``."""
+    """A registered combiner (``fer_ray.combiners.REGISTRY``: ``COMBINERS``)."""
     select_split: str = "val"
     """The split every weight, temperature and C is fitted on; its role must be ``select``."""
     budget_gmacs: float | None = None
@@ -80,8 +94,8 @@ class EnsembleSpec(_Config):
     def __post_init__(self) -> None:
         if path_name_problem(self.name):
             raise ConfigError(f"name: {path_name_problem(self.name)}")
-        if self.combiner not in COMBINERS:
-            raise ConfigError(f"combiner: must be one of {COMBINERS}, got {self.combiner!r}")
+        if self.combiner not in REGISTRY:
+            raise ConfigError(f"combiner: must be one of {tuple(REGISTRY)}, got {self.combiner!r}")
         if isinstance(self.members, dict) and set(self.members) - {"top_k", "by", "pool"}:
             raise ConfigError(f"members: unknown key {sorted(set(self.members) - {'top_k', 'by', 'pool'})[0]!r}")
         if isinstance(self.members, dict) and self.members.get("pool", "trials") not in POOLS:
@@ -117,118 +131,10 @@ def member_logits(ls: LogitSet, views: list[str] | None) -> np.ndarray:
     return ls.logits[idx].mean(0)
 
 
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Scalar T > 0 minimising the NLL of ``softmax(logits / T)`` (searched over log T in [-4, 4])."""
-    z = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(labels))
-
-    def loss(log_t: float) -> float:
-        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, labels].mean())
-
-    res = minimize_scalar(loss, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(res.x))
-
-
-def fit_nll_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Simplex weights ``w = softmax(z)`` minimising the NLL of ``Σ w_m p_m`` (``probs`` is ``[M, N, C]``)."""
-    p = probs[:, np.arange(len(labels)), labels].T  # [N, M]: each member's probability of the true class
-
-    def loss(z: np.ndarray) -> tuple[float, np.ndarray]:
-        w = softmax(z)
-        q = p @ w + 1e-12
-        g = -(p / q[:, None]).mean(0)
-        return float(-np.log(q).mean()), w * (g - w @ g)
-
-    res = minimize(loss, np.zeros(p.shape[1]), jac=True, method="L-BFGS-B")
-    return softmax(res.x)
-
-
-def fit_greedy(probs: np.ndarray, labels: np.ndarray, metric: str, iters: int) -> tuple[np.ndarray, list[int]]:
-    """Caruana forward selection with replacement from the best single member; weights of the best prefix.
-
-    Returns ``(weights, picks)``: selection counts / total, and the order members were picked in.
-    """
-    def score(p: np.ndarray) -> float:
-        return float((p.argmax(1) == labels).mean()) if metric == "accuracy" else -_nll(p, labels)
-
-    singles = [score(p) for p in probs]
-    picks = [int(np.argmax(singles))]
-    total, best, best_len = probs[picks[0]].copy(), singles[picks[0]], 1
-    for _ in range(iters):
-        cand = [score((total + p) / (len(picks) + 1)) for p in probs]
-        m = int(np.argmax(cand))
-        picks.append(m)
-        total += probs[m]
-        if cand[m] > best + 1e-12:
-            best, best_len = cand[m], len(picks)
-    counts = np.bincount(picks[:best_len], minlength=len(probs)).astype(np.float64)
-    return counts / counts.sum(), picks[:best_len]
-
-
-def fit_bagged_greedy(probs: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> tuple[np.ndarray, list]:
-    """Caruana et al. (2006) bagged selection: forward selection on ``greedy_bags`` random member subsets
-    (``greedy_bag_fraction`` of them, seeded), selection weights averaged; returns (weights, picks per bag)."""
-    rng = np.random.default_rng(spec.seed)
-    m = len(probs)
-    size = max(1, round(spec.greedy_bag_fraction * m))
-    total, bags = np.zeros(m), []
-    for _ in range(spec.greedy_bags):
-        subset = np.sort(rng.choice(m, size=size, replace=False))
-        w, picks = fit_greedy(probs[subset], labels, spec.greedy_metric, spec.greedy_iters)
-        total[subset] += w
-        bags.append([int(subset[i]) for i in picks])
-    return total / total.sum(), bags
-
-
-def _stack_features(probs: np.ndarray) -> np.ndarray:
-    m, n, c = probs.shape
-    return probs.transpose(1, 0, 2).reshape(n, m * c)
-
-
-def fit_stacking(probs: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> dict:
-    """Multinomial logistic regression on concatenated member probabilities; C by stratified CV (NLL)."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-
-    c = probs.shape[2]
-    present = np.bincount(labels, minlength=c)
-    k = int(min(folds, present[present > 0].min()))
-    if k < 2 or (present > 0).sum() < 2:
-        raise ConfigError("stacking: the selection split needs >= 2 classes with >= 2 images each")
-    model = LogisticRegressionCV(Cs=np.logspace(-3, 3, 13), l1_ratios=(0.0,), scoring="neg_log_loss",
-                                 cv=StratifiedKFold(k, shuffle=True, random_state=seed), max_iter=2000,
-                                 use_legacy_attributes=False)
-    model.fit(_stack_features(probs), labels)
-    coef, intercept = model.coef_, model.intercept_
-    if len(model.classes_) == 2:  # binary: one row; softmax([-a/2, a/2]) == sigmoid(a)
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
-    full_coef = np.zeros((c, coef.shape[1]))
-    full_int = np.full(c, -30.0)  # a class absent from the selection split is never predicted
-    full_coef[model.classes_], full_int[model.classes_] = coef, intercept
-    return {"coef": full_coef.tolist(), "intercept": full_int.tolist(), "C": float(np.ravel(model.C_)[0]),
-            "folds": k}
-
-
 def apply_fitted(stack: np.ndarray, fitted: dict) -> np.ndarray:
-    """``[M, N, C]`` member logits → ``[N, C]`` ensemble logits, using only the numbers in ``fitted``."""
-    stack = np.asarray(stack, dtype=np.float64)
-    if fitted.get("member_temperatures"):
-        stack = stack / np.asarray(fitted["member_temperatures"], dtype=np.float64)[:, None, None]
-    w = np.asarray(fitted["weights"], dtype=np.float64)
-    if fitted["combiner"] == "mean_logits":
-        out = np.tensordot(w, stack, axes=1)
-    elif fitted["combiner"] == "stacking":
-        st = fitted["stacking"]
-        out = _stack_features(softmax(stack)) @ np.asarray(st["coef"]).T + np.asarray(st["intercept"])
-    else:
-        out = np.log(np.tensordot(w, softmax(stack), axes=1) + 1e-12)
-    if fitted.get("temperature"):
-        out = out / fitted["temperature"]
-    return out
+    """``[M, N, C]`` member logits (or ``[M, V, N, C]``) → ``[N, C]`` ensemble logits (float64), using only the
+    numbers in ``fitted``: ``fer_ray.combiners.apply_fitted``, the chain the exported graph runs, on float64 tensors."""
+    return combiners.apply_fitted(torch.from_numpy(np.asarray(stack, dtype=np.float64)), fitted).numpy()
 
 
 def fit_ensemble(stack: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> dict:
@@ -239,24 +145,15 @@ def fit_ensemble(stack: np.ndarray, labels: np.ndarray, spec: EnsembleSpec) -> d
     of the members that remain, in order.
     """
     m = len(stack)
+    combiner = get_combiner(spec.combiner)
     fitted: dict = {"combiner": spec.combiner, "weights": [1.0 / m] * m, "member_temperatures": None,
                     "temperature": None}
     member = np.asarray(stack, dtype=np.float64)
     if spec.temperature:
         fitted["member_temperatures"] = [fit_temperature(s, labels) for s in member]
         member = member / np.asarray(fitted["member_temperatures"])[:, None, None]
-    probs = softmax(member)
-    if spec.combiner == "nll_weights":
-        fitted["weights"] = [float(w) for w in fit_nll_weights(probs, labels)]
-    elif spec.combiner == "greedy" and spec.greedy_bags > 1:
-        weights, bags = fit_bagged_greedy(probs, labels, spec)
-        fitted["weights"], fitted["greedy_bags"] = [float(w) for w in weights], bags
-    elif spec.combiner == "greedy":
-        weights, picks = fit_greedy(probs, labels, spec.greedy_metric, spec.greedy_iters)
-        fitted["weights"], fitted["greedy_picks"] = [float(w) for w in weights], picks
-    elif spec.combiner == "stacking":
-        fitted["stacking"] = fit_stacking(probs, labels, spec.stacking_folds, spec.seed)
-    keep = [i for i, w in enumerate(fitted["weights"]) if w > PRUNE_WEIGHT or spec.combiner == "stacking"]
+    fitted |= combiner.fit(member, labels, spec)
+    keep = [i for i, w in enumerate(fitted["weights"]) if w > PRUNE_WEIGHT or not combiner.weighted]
     if len(keep) < m:  # members that (almost) never count are dropped, so they cost nothing
         total = sum(fitted["weights"][i] for i in keep)
         fitted["weights"] = [fitted["weights"][i] / total for i in keep]

@@ -1,4 +1,5 @@
-"""Fitted combiners, temperature scaling, budget search and the protocol guard, on synthetic logits."""
+"""Fitted combiners, temperature scaling, budget search and the protocol guard, on synthetic logits; every combiner
+of the registry (``fer_ray.combiners``) gives the same numbers in the logit store and in the export graph."""
 
 import json
 from pathlib import Path
@@ -6,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import log_softmax
 
 from fer_ray.cli import main
+from fer_ray.combiners import REGISTRY
 from fer_ray.config import ConfigError
 from fer_ray.ensemble import (
     COMBINERS,
     EnsembleSpec,
     ProtocolError,
+    apply_fitted,
     budget_search,
+    fit_ensemble,
     fit_greedy,
     fit_nll_weights,
     fit_temperature,
@@ -215,3 +220,75 @@ def test_metrics_of_a_perfect_ensemble_are_perfect(planted):
     ref = classification_metrics(load_store(planted)["ensemble:p"]["public_test"].logits[0],
                                  load_store(planted)["perfect"]["public_test"].labels)
     assert ref["accuracy"] == m["accuracy"]
+
+
+# -- the registry: one class per combiner, one apply for the logit store and the exported graph --------------------
+def _member_stack(seed=0, m=3, v=2, n=120):
+    """``[M, V, N, C]`` logits of members of different strength, and the labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 7, n)
+    return np.stack([_noisy(y, s, rng, scale=1.5, views=v) for s in np.linspace(0.8, 3.0, m)]), y
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_combiner_applies_alike_in_the_store_and_the_export_graph(name, temperature, tmp_path):
+    """Generated from the registry: each combiner, fitted on val logits, gives the same logits through the
+    numpy-facing ensemble path (float64), through ``FittedCombiner`` (float32, the export graph's last module) and
+    through that module exported to ONNX and run with ONNX Runtime (batch axis dynamic)."""
+    import onnxruntime as ort
+    import torch
+
+    from fer_ray.combiners import FittedCombiner
+
+    stack, y = _member_stack()
+    spec = EnsembleSpec(name="r", members=["a", "b", "c"], combiner=name, temperature=temperature, oof_folds=0)
+    fitted = fit_ensemble(stack.mean(1), y, spec)
+    stack = stack[fitted.pop("kept")]
+    ref = apply_fitted(stack.mean(1), fitted)
+    assert ref.dtype == np.float64 and ref.shape == (stack.shape[2], 7)
+    assert np.array_equal(apply_fitted(stack, fitted), ref)  # [M, V, N, C]: views averaged by the same chain
+    module = FittedCombiner(fitted, len(stack)).eval()
+    with torch.no_grad():
+        graph = module(torch.from_numpy(stack.astype(np.float32))).numpy()
+    np.testing.assert_allclose(graph, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+    path = tmp_path / "combiner.onnx"
+    torch.onnx.export(module, (torch.from_numpy(stack[:, :, :2].astype(np.float32)),), path, dynamo=False,
+                      opset_version=17, input_names=["z"], output_names=["logits"],
+                      dynamic_axes={"z": {2: "batch"}, "logits": {0: "batch"}})
+    onnx_out = ort.InferenceSession(str(path)).run(None, {"z": stack.astype(np.float32)})[0]
+    np.testing.assert_allclose(onnx_out, graph, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+def test_the_ensemble_spec_knows_the_registry():
+    assert set(COMBINERS) == set(REGISTRY) >= {"mean_logits", "mean_probs", "nll_weights", "greedy", "stacking"}
+    with pytest.raises(ConfigError, match="combiner: must be one of"):
+        EnsembleSpec(combiner="median")
+
+
+def test_a_new_combiner_is_one_registered_class(planted):
+    """Registering a class is all it takes: the spec accepts it, ``run_ensemble`` fits and applies it, the JSON
+    reproduces it, and the export graph's combiner runs its ``apply``."""
+    import torch
+
+    from fer_ray.combiners import Combiner, FittedCombiner, register_combiner
+
+    @register_combiner("log_probs_mean")
+    class LogProbsMean(Combiner):  # the geometric mean of the probabilities, weighted
+        def apply(self, z, t):
+            return (t["weights"].view(-1, 1, 1) * torch.log_softmax(z, -1)).sum(0)
+
+    try:
+        members = ["weak0", "weak2", "perfect"]
+        out = run_ensemble(planted, EnsembleSpec(name="geo", members=members, combiner="log_probs_mean",
+                                                 temperature=True, oof_folds=0))
+        stack, _ = _stack(planted, out["members"], "public_test")
+        again = reproduce_ensemble(planted, "geo", "public_test")
+        temps = np.asarray(out["fitted"]["member_temperatures"])[:, None, None]
+        expect = np.mean([log_softmax(s, axis=-1) for s in stack / temps], axis=0) / out["fitted"]["temperature"]
+        np.testing.assert_allclose(again, expect, atol=1e-6)
+        with torch.no_grad():
+            graph = FittedCombiner(out["fitted"], len(members))(torch.from_numpy(stack.astype(np.float32))).numpy()
+        np.testing.assert_allclose(graph, again, atol=1e-4)
+    finally:
+        REGISTRY.pop("log_probs_mean")

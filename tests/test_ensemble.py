@@ -9,7 +9,7 @@ import pytest
 
 from fer_ray.cli import main
 from fer_ray.config import ConfigError, load_yaml
-from fer_ray.ensemble import EnsembleSpec, ProtocolError, apply_fitted, pareto_front, run_ensemble
+from fer_ray.ensemble import EnsembleSpec, ProtocolError, apply_fitted, pareto_front, reproduce_ensemble, run_ensemble
 from fer_ray.metrics import classification_metrics, expected_calibration_error, softmax
 from fer_ray.report import leaderboard, write_report
 from fer_ray.store import StoreError, load_store, read_logits, write_logits
@@ -150,3 +150,50 @@ def test_softmax_is_scipys_over_the_class_axis():
     x = np.random.default_rng(0).normal(size=(3, 50, 7)) * 5
     z = np.exp(x - x.max(-1, keepdims=True))
     assert np.array_equal(softmax(x), z / z.sum(-1, keepdims=True))
+
+
+def _numpy_apply_of_earlier_releases(stack, fitted):
+    """``apply_fitted`` as it was written in numpy before the combiners moved to ``fer_ray.combiners`` (the
+    reference that ensembles fitted then must keep reproducing)."""
+    stack = np.asarray(stack, dtype=np.float64)
+    if fitted.get("member_temperatures"):
+        stack = stack / np.asarray(fitted["member_temperatures"], dtype=np.float64)[:, None, None]
+    w = np.asarray(fitted["weights"], dtype=np.float64)
+    if fitted["combiner"] == "mean_logits":
+        out = np.tensordot(w, stack, axes=1)
+    elif fitted["combiner"] == "stacking":
+        m, n, c = stack.shape
+        feats = softmax(stack).transpose(1, 0, 2).reshape(n, m * c)
+        out = feats @ np.asarray(fitted["stacking"]["coef"]).T + np.asarray(fitted["stacking"]["intercept"])
+    else:
+        out = np.log(np.tensordot(w, softmax(stack), axes=1) + 1e-12)
+    if fitted.get("temperature"):
+        out = out / fitted["temperature"]
+    return out
+
+
+@pytest.mark.parametrize("combiner", ["mean_logits", "mean_probs", "nll_weights", "greedy", "stacking"])
+@pytest.mark.parametrize("temperatures", [False, True])
+def test_ensemble_files_of_earlier_releases_still_apply(exp, combiner, temperatures):
+    """An ``ensembles/<name>.json`` written before the registry (its ``fitted`` block as those releases wrote it,
+    through a JSON round trip) loads, applies and reproduces with the numbers the numpy code gave."""
+    rng = np.random.default_rng(7)
+    fitted = {"combiner": combiner, "weights": [0.2, 0.3, 0.5] if combiner != "stacking" else [1 / 3] * 3,
+              "member_temperatures": [1.3, 0.7, 2.1] if temperatures else None,
+              "temperature": 1.4 if temperatures else None}
+    if combiner == "greedy":
+        fitted["greedy_picks"] = ["t2", "t1", "t2", "t0", "t2"]
+    if combiner == "stacking":
+        fitted["stacking"] = {"coef": rng.normal(size=(7, 21)).tolist(), "intercept": rng.normal(size=7).tolist(),
+                              "C": 1.0, "folds": 5}
+    info = {"name": "old", "spec": {"name": "old", "combiner": combiner}, "members": ["t0", "t1", "t2"],
+            "views": ["identity", "hflip"], "member_checkpoints": {}, "weights": fitted["weights"],
+            "combiner": combiner, "fitted": fitted, "dropped": [], "selected_on": "val", "total_gmacs": 1.2,
+            "metrics": {}}
+    (exp / "ensembles").mkdir(exist_ok=True)
+    (exp / "ensembles" / "old.json").write_text(json.dumps(info))
+    store = load_store(exp)
+    stack = np.stack([store[m]["public_test"].logits.mean(0) for m in info["members"]])
+    want = _numpy_apply_of_earlier_releases(stack, fitted)
+    np.testing.assert_allclose(apply_fitted(stack, fitted), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(reproduce_ensemble(exp, "old", "public_test"), want, rtol=1e-12, atol=1e-12)
