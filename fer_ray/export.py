@@ -1,20 +1,17 @@
 """``fer-ray export``: a fitted ensemble (or one member) as one self-contained inference graph plus its model card.
 
 This module owns ``EnsembleGraph``, the torch module that reproduces what fer_ray computes for an ensemble from
-uint8 faces ``[B, 48, 48]``: the TTA views, each member's preprocessing (resize to its input size, channels,
-normalisation) and model, the mean over views in logit space, and the combiner's fitted numbers (member
-temperatures, weights or stacking, final temperature; ``fer_ray.ensemble.apply_fitted``). Everything in it is
-made of ONNX-exportable ops:
+uint8 faces ``[B, 48, 48]``, assembled from the very modules the logit store is scored and combined with, all made
+of ONNX-exportable ops:
 
-* a view's interpolating steps (``rot``, ``shift``, ``scale``: kornia ``warp_affine``, bilinear, border padding;
-  ``crop``: crop + bilinear resize) become one ``grid_sample`` each, on a sampling grid computed by running
-  ``fer_ray.tta.parse_view``'s own step on coordinate ramps (bilinear interpolation of a ramp returns the sampled,
-  border-clamped coordinate), so the numbers are tta's by construction; ``hflip`` is an index reversal;
-* a member's resize (bilinear, antialiased when shrinking, as ``fer_ray.data.augment.Preprocess`` does) is two
-  matrix products with the resize's own matrices; an ``AdaptiveAvgPool2d`` whose output does not divide its input
-  (``baseline_cnn_v1`` or ``basic_cnn`` at 40 px), which the ONNX exporter refuses, becomes the same two-sided
-  matrix product;
-* the models are ``fer_ray.tta.inference_model`` copies (conv+BN folded), as the logit store scores them.
+* the TTA views: ``fer_ray.tta.ViewStack`` (each step an exact gather or one ``grid_sample``, from the geometry
+  table of ``fer_ray.views``), as ``tta_logits`` runs them;
+* each member (``MemberNet``): its ``fer_ray.data.augment.Preprocess`` (resize as two matrix products, or center
+  crop; channels; normalisation) and its ``fer_ray.tta.inference_model`` copy (conv+BN folded); an
+  ``AdaptiveAvgPool2d`` whose output does not divide its input (``baseline_cnn_v1`` or ``basic_cnn`` at 40 px),
+  which the ONNX exporter refuses, becomes the equal two-sided matrix product (``exportable``);
+* the fitted combiner: ``fer_ray.combiners.FittedCombiner``, the chain ``fer_ray.ensemble.apply_fitted`` runs (views
+  averaged in logit space, member temperatures, the combiner's ``apply``, final temperature).
 
 ``export_bundle`` verifies every checkpoint against the sha256 the ensemble was fitted with, exports the graph
 (ONNX through ``torch.onnx.export``'s TorchScript-based exporter, ``dynamo=False``, dynamic batch axis, checked
@@ -39,19 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fer_ray import bundle
 from fer_ray.bundle import BundleError
 from fer_ray.checkpoint import checkpoint_sha256, load_checkpoint, model_from_checkpoint
+from fer_ray.combiners import FittedCombiner
+from fer_ray.data.augment import Preprocess
 from fer_ray.data.dataset import CLASSES, IMG_SIZE
 from fer_ray.ensemble import apply_fitted, stale_reason
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, softmax
 from fer_ray.store import load_store
-from fer_ray.tta import inference_model, parse_view, tta_logits
-from fer_ray.views import parse_view_spec
+from fer_ray.tta import ViewStack, inference_model, parse_view, tta_logits
 
 FORMATS = tuple(bundle.GRAPH_FILES)
 OPSET = 17
@@ -62,57 +59,14 @@ CHECK_TOL = 1e-4
 """Largest difference of any probability allowed by that check."""
 
 
-# -- views -------------------------------------------------------------------------------------------------------
-class Flip(nn.Module):
-    """``hflip``: the columns reversed (an exact gather, no interpolation)."""
-
-    def __init__(self, width: int = IMG_SIZE) -> None:
-        super().__init__()
-        self.register_buffer("index", torch.arange(width - 1, -1, -1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(3, self.index)
-
-
-class Resample(nn.Module):
-    """One interpolating view step as a fixed sampling grid (bilinear, border padding, align_corners=True)."""
-
-    def __init__(self, grid: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("grid", grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.grid.expand(x.shape[0], -1, -1, -1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-def step_grid(step: str, size: int = IMG_SIZE) -> torch.Tensor:
-    """``[1, size, size, 2]`` normalised sampling grid of one view step (``rot10``, ``shift2,0``, ``scale1.1``,
-    ``crop40c``): tta's step applied to the x and y coordinate ramps gives the (border-clamped) source coordinate
-    of every output pixel."""
-    fn = parse_view(step)
-    ramp = torch.arange(size, dtype=torch.float32)
-    xs = fn(ramp.view(1, 1, 1, size).expand(1, 1, size, size).contiguous())[0, 0]
-    ys = fn(ramp.view(1, 1, size, 1).expand(1, 1, size, size).contiguous())[0, 0]
-    return torch.stack([xs / (size - 1) * 2 - 1, ys / (size - 1) * 2 - 1], dim=-1)[None]
-
-
+# -- views and members ------------------------------------------------------------------------------------------
 def build_view(name: str) -> nn.Sequential:
-    """The exportable module of one view name (``fer_ray.views`` grammar); unknown names raise ``BundleError``."""
+    """The module of one view name (``fer_ray.tta.parse_view``, as TTA scoring runs it); a name that is unknown or
+    cannot apply to 48x48 faces raises ``BundleError``."""
     try:
-        parse_view_spec(name)
-        steps = [part.strip() for part in str(name).split("+") if part.strip() != "identity"]
-        return nn.Sequential(*[Flip() if s == "hflip" else Resample(step_grid(s)) for s in steps])
+        return parse_view(name)
     except ValueError as e:
         raise BundleError(f"view {name!r} cannot be exported: {e}") from None
-
-
-# -- members -----------------------------------------------------------------------------------------------------
-def resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """``[n_out, n_in]`` matrix of ``Preprocess``'s 1-D resize (bilinear, antialiased when shrinking): a square
-    resize of ``x`` is ``A @ x @ A.T``."""
-    eye = torch.eye(n_in).view(1, 1, n_in, n_in)
-    return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False, antialias=n_out < n_in)[0, 0]
 
 
 def pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -160,28 +114,16 @@ def exportable(model: nn.Module) -> nn.Module:
 
 
 class MemberNet(nn.Module):
-    """One member: float faces ``[N, 1, 48, 48]`` in [0, 1] → resize, channels, normalisation → model → logits."""
+    """One member: float faces ``[N, 1, 48, 48]`` in [0, 1] → its ``Preprocess`` (resize or center crop, channels,
+    normalisation) → its ``inference_model`` copy → logits."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        cfg = model.fer_cfg
-        self.size, self.in_chans = int(cfg["img_size"]), int(cfg["in_chans"])
-        self.crop = cfg.get("input") == "center_crop" and self.size < IMG_SIZE  # ``TrainConfig.input``
-        if self.size != IMG_SIZE and not self.crop:
-            self.register_buffer("rows", resize_matrix(IMG_SIZE, self.size))
-            self.register_buffer("cols", resize_matrix(IMG_SIZE, self.size).t().contiguous())
-        self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.preprocess = Preprocess.for_model(model.fer_cfg)
         self.model = inference_model(exportable(model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.crop:
-            top = (IMG_SIZE - self.size) // 2
-            x = x[..., top:top + self.size, top:top + self.size]
-        elif self.size != IMG_SIZE:
-            x = torch.matmul(torch.matmul(self.rows, x), self.cols)
-        x = x.expand(-1, self.in_chans, -1, -1)
-        return self.model((x - self.mean) / self.std)
+        return self.model(self.preprocess(x))
 
 
 # -- the graph ---------------------------------------------------------------------------------------------------
@@ -190,35 +132,19 @@ class EnsembleGraph(nn.Module):
 
     def __init__(self, models: list[nn.Module], views: list[str], fitted: dict) -> None:
         super().__init__()
-        self.view_names, self.combiner = list(views), fitted["combiner"]
-        self.views = nn.ModuleList([build_view(v) for v in views])
+        self.view_names, self.combiner_name = list(views), fitted["combiner"]
+        self.views = ViewStack([build_view(v) for v in views])
         self.members = nn.ModuleList([MemberNet(m) for m in models])
-        m, c = len(models), len(CLASSES)
-        temps = fitted.get("member_temperatures") or [1.0] * m
-        self.register_buffer("member_t", torch.tensor(temps, dtype=torch.float32).view(m, 1, 1))
-        self.register_buffer("weights", torch.tensor(fitted["weights"], dtype=torch.float32).view(m, 1, 1))
-        self.register_buffer("temperature", torch.tensor(float(fitted.get("temperature") or 1.0)))
-        stacking = fitted.get("stacking") or {"coef": np.zeros((c, m * c)), "intercept": np.zeros(c)}
-        self.register_buffer("coef", torch.tensor(np.asarray(stacking["coef"]), dtype=torch.float32).t().contiguous())
-        self.register_buffer("intercept", torch.tensor(np.asarray(stacking["intercept"]), dtype=torch.float32))
+        self.combiner = FittedCombiner(fitted, len(models))
 
     def member_logits(self, faces: torch.Tensor) -> torch.Tensor:
-        """``[M, B, C]``: each member's logits averaged over the views (logit space)."""
-        x = faces.unsqueeze(1).float() / 255.0
-        views = torch.cat([v(x) for v in self.views]) if len(self.views) > 1 else self.views[0](x)
-        n, c = len(self.views), len(CLASSES)
-        return torch.stack([m(views).reshape(n, -1, c).mean(0) for m in self.members])
+        """``[M, V, B, C]``: each member's logits of each view."""
+        views = self.views(Preprocess.to_float(faces))
+        n, c = len(self.view_names), len(CLASSES)
+        return torch.stack([m(views).reshape(n, -1, c) for m in self.members])
 
     def forward(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.member_logits(faces) / self.member_t
-        if self.combiner == "mean_logits":
-            out = (self.weights * z).sum(0)
-        elif self.combiner == "stacking":
-            feats = torch.softmax(z, -1).permute(1, 0, 2).reshape(-1, z.shape[0] * len(CLASSES))
-            out = torch.matmul(feats, self.coef) + self.intercept
-        else:
-            out = torch.log((self.weights * torch.softmax(z, -1)).sum(0) + 1e-12)
-        out = out / self.temperature
+        out = self.combiner(self.member_logits(faces))
         return torch.softmax(out, -1), out
 
 

@@ -217,3 +217,53 @@ def test_bad_bundles_are_one_line_errors(bundles, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "b"), str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unreadable model card" in err and "\n" not in err
+
+
+def _onnx_run(module: torch.nn.Module, example: torch.Tensor, x: np.ndarray, path: Path) -> np.ndarray:
+    torch.onnx.export(module, (example,), path, dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(("size", "chans", "mode"), [(48, 1, "resize"), (20, 1, "resize"), (52, 3, "resize"),
+                                                     (40, 1, "center_crop"), (96, 3, "resize")])
+def test_the_graph_preprocesses_with_preprocess(size, chans, mode, tmp_path):
+    """Training, scoring and the exported graph share one ``Preprocess``: its matrix resize equals
+    ``F.interpolate`` (bilinear, antialiased when shrinking), it exports to ONNX as it is, and ``MemberNet`` holds
+    it."""
+    from fer_ray.data.augment import Preprocess
+    from fer_ray.export import MemberNet
+
+    cfg = {"img_size": size, "in_chans": chans, "mean": [0.5] * chans, "std": [0.25] * chans, "input": mode}
+    pre = Preprocess.for_model(cfg)
+    faces = torch.from_numpy(synthetic.generate(6, seed=1).images)
+    x = faces.unsqueeze(1).float() / 255
+    if mode == "center_crop":
+        top = (48 - size) // 2
+        want = x[..., top:top + size, top:top + size]
+    else:
+        want = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                               antialias=size < 48) if size != 48 else x
+    want = (want.expand(-1, chans, -1, -1) - 0.5) / 0.25
+    assert torch.allclose(pre(faces), want, atol=4e-6) and torch.allclose(pre(x), want, atol=4e-6)
+    out = _onnx_run(pre, x[:2], x.numpy(), tmp_path / "pre.onnx")
+    np.testing.assert_allclose(out, pre(x).numpy(), atol=1e-5, rtol=0)
+    model = create_model("basic_cnn", img_size=size, in_chans=chans)
+    model.fer_cfg |= {"input": mode}
+    net = MemberNet(model)
+    assert isinstance(net.preprocess, Preprocess) and net.preprocess.center_crop == (mode == "center_crop")
+
+
+def test_views_export_as_tta_runs_them(tmp_path):
+    """``ViewStack`` (gathers and ``grid_sample``s) in ONNX Runtime, at another batch size than traced, gives the
+    eager views."""
+    from fer_ray.tta import ViewStack
+
+    views = ["identity", "hflip", "shift2,-1", "rot10", "crop40tr+hflip", "scale0.9+shift-1,0"]
+    x = torch.from_numpy(synthetic.generate(5, seed=2).images).unsqueeze(1).float() / 255
+    stack = ViewStack([build_view(v) for v in views])
+    out = _onnx_run(stack, x[:2], x.numpy(), tmp_path / "views.onnx")
+    assert out.shape == (len(views) * 5, 1, 48, 48)
+    np.testing.assert_allclose(out, stack(x).numpy(), atol=1e-6, rtol=0)
