@@ -129,8 +129,13 @@ class Stacking(Combiner):
                                                                                           dtype=np.float64)}
 
     def apply(self, z: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        feats = torch.softmax(z, -1).permute(1, 0, 2).flatten(1)  # [N, M·C], member-major as fit_stacking's
-        return torch.matmul(feats, t["coef"]) + t["intercept"]
+        return torch.matmul(stack_features(torch.softmax(z, -1)), t["coef"]) + t["intercept"]
+
+
+def stack_features(probs: torch.Tensor) -> torch.Tensor:
+    """``[M, N, C]`` member probabilities → ``[N, M·C]`` stacking features (member-major): what ``fit_stacking``
+    fits on and ``Stacking.apply`` applies to."""
+    return probs.permute(1, 0, 2).flatten(1)
 
 
 # -- applying fitted numbers: the one chain the logit store and the exported graph share -------------------------
@@ -254,7 +259,7 @@ def fit_stacking(probs: np.ndarray, labels: np.ndarray, folds: int, seed: int) -
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
-    m, n, c = probs.shape
+    c = probs.shape[2]
     present = np.bincount(labels, minlength=c)
     k = int(min(folds, present[present > 0].min()))
     if k < 2 or (present > 0).sum() < 2:
@@ -262,7 +267,7 @@ def fit_stacking(probs: np.ndarray, labels: np.ndarray, folds: int, seed: int) -
     model = LogisticRegressionCV(Cs=np.logspace(-3, 3, 13), l1_ratios=(0.0,), scoring="neg_log_loss",
                                  cv=StratifiedKFold(k, shuffle=True, random_state=seed), max_iter=2000,
                                  use_legacy_attributes=False)
-    model.fit(probs.transpose(1, 0, 2).reshape(n, m * c), labels)  # member-major features, as Stacking.apply
+    model.fit(stack_features(torch.from_numpy(probs)).numpy(), labels)
     coef, intercept = model.coef_, model.intercept_
     if len(model.classes_) == 2:  # binary: one row; softmax([-a/2, a/2]) == sigmoid(a)
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])

@@ -231,8 +231,7 @@ def reference_outputs(models: list[nn.Module], views: list[str], fitted: dict, i
                       batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """fer_ray's own eager path, as the logit store and ``apply_fitted`` compute it: ``(probs, logits)``."""
     faces = torch.from_numpy(np.ascontiguousarray(images))
-    stack = np.stack([tta_logits(m, faces, views, batch_size).numpy().mean(0) for m in models])
-    logits = apply_fitted(stack, fitted)
+    logits = apply_fitted(np.stack([tta_logits(m, faces, views, batch_size).numpy() for m in models]), fitted)
     return softmax(logits).astype(np.float32), logits.astype(np.float32)
 
 
