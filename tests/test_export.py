@@ -37,7 +37,8 @@ MEMBERS = [("basic_cnn", 48, 1), ("baseline_cnn_v1", 20, 1), ("mlp_224", 24, 3),
 1-channel ImageNet normalisation, and an ``AdaptiveAvgPool2d`` whose output does not divide its input (5 → 12),
 which the ONNX exporter refuses."""
 VIEWS = ["identity", "hflip+rot-10", "crop40c"]
-"""An exact step (flip), a kornia warp (rotation) and a crop; ``test_views_match_tta`` checks every kind alone."""
+"""An exact step (flip, a gather), a warp (rotation, a grid_sample) and a crop; ``test_views_match_tta`` checks every
+kind alone."""
 COMBINERS = {"mean_t": "mean_logits", "probs_t": "mean_probs", "nll_t": "nll_weights", "greedy_t": "greedy",
              "stack_t": "stacking"}
 
