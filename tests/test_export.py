@@ -249,6 +249,11 @@ def test_the_graph_preprocesses_with_preprocess(size, chans, mode, tmp_path):
                                                antialias=size < 48) if size != 48 else x
     want = (want.expand(-1, chans, -1, -1) - 0.5) / 0.25
     assert torch.allclose(pre(faces), want, atol=4e-6) and torch.allclose(pre(x), want, atol=4e-6)
+    if mode == "resize":  # another input size gets its own matrices
+        big = torch.rand(2, 1, 60, 60)
+        ref = torch.nn.functional.interpolate(big, size=(size, size), mode="bilinear", align_corners=False,
+                                              antialias=size < 60)
+        assert torch.allclose(pre(big), (ref.expand(-1, chans, -1, -1) - 0.5) / 0.25, atol=4e-6)
     out = _onnx_run(pre, x[:2], x.numpy(), tmp_path / "pre.onnx")
     np.testing.assert_allclose(out, pre(x).numpy(), atol=1e-5, rtol=0)
     model = create_model("basic_cnn", img_size=size, in_chans=chans)
