@@ -50,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     peak = mm_peak_gflops(256 if args.smoke else 2048, 1 if args.smoke else 5)
     models = args.models[:1] if args.smoke else args.models
-    n = 128 if args.smoke else 2048
+    n = 64 if args.smoke else 2048  # smoke: one batch of 64, so the warm-up and the timed pass are one step each
     rows = [train_gflops(m, n) for m in models]
     for r in rows:
         r["fraction_of_mm_peak"] = r["gflops"] / peak
