@@ -88,7 +88,8 @@ def main() -> None:
                    "(defaults 2, 2: of the schedules planned to fit 0.35x the epochs, the one that spends the most)")
     p.add_argument("--images", type=int, default=3000, help="synthetic dataset size (a quarter is validation)")
     args = p.parse_args()
-    trials, epochs, n = (2, 2, 300) if args.smoke else (args.trials, args.max_epochs, args.images)
+    # Smoke: 2 trials x 2 epochs, the least where a rung at epoch 1 can stop one trial; 120 images (72 train).
+    trials, epochs, n = (2, 2, 120) if args.smoke else (args.trials, args.max_epochs, args.images)
     tmp = Path(tempfile.mkdtemp(prefix="fer_bench_asha_"))
     try:
         init_ray(num_cpus=2)

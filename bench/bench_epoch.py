@@ -46,10 +46,11 @@ def ray_epochs(cfg: TrainConfig, ref, tmp: Path, name: str) -> list[float]:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--model", default="advanced_emotion_net")
+    p.add_argument("--model", default=None, help="default advanced_emotion_net (smoke: basic_cnn, the cheapest)")
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
-    n, epochs = (300, 1) if args.smoke else (3000, args.epochs)
+    args.model = args.model or ("basic_cnn" if args.smoke else "advanced_emotion_net")
+    n, epochs = (200, 1) if args.smoke else (3000, args.epochs)  # smoke: ~140 train images, two batches of 64
     data = generate(n, seed=0)
     splits = split_indices(data, 0.1, 0)
     threads = os.cpu_count() or 1

@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--clients", type=int, default=8)
     args = p.parse_args()
-    requests, clients = (40, 2) if args.smoke else (args.requests, args.clients)
+    requests, clients = (8, 2) if args.smoke else (args.requests, args.clients)
     tmp = Path(tempfile.mkdtemp(prefix="fer_bench_serve_"))
     bodies = []
     for face in generate(64, seed=3).images:

@@ -38,11 +38,13 @@ def epoch_walls(cfg: TrainConfig, ref, root: str, name: str) -> tuple[list[float
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--model", default="deep_cnn_v1")
+    p.add_argument("--model", default=None, help="default deep_cnn_v1 (smoke: basic_cnn, the cheapest)")
     p.add_argument("--images", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args()
-    n, epochs = (200, 2) if args.smoke else (args.images, args.epochs)
+    args.model = args.model or ("basic_cnn" if args.smoke else "deep_cnn_v1")
+    # Smoke: 2 epochs, the fewest that give one per-epoch wall (the gap between two epochs' ends).
+    n, epochs = (150, 2) if args.smoke else (args.images, args.epochs)
     data = generate(n, seed=0)
     splits = split_indices(data, 0.1, 0)
     cfg = TrainConfig(model=args.model, img_size=48, epochs=epochs, batch_size=64, num_workers=1, cpus_per_worker=2,
@@ -54,6 +56,7 @@ def main() -> None:
             ref = put_dataset(data, splits)
             local_a, size = epoch_walls(cfg, ref, str(tmp / "a"), "local_a")
             s3, _ = epoch_walls(cfg, ref, bucket, "s3")
+            # Smoke: the second local run is the first's code again, so it is not run twice.
             local_b = local_a if args.smoke else epoch_walls(cfg, ref, str(tmp / "b"), "local_b")[0]
         med = statistics.median
         local = med(local_a + local_b)
