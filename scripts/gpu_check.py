@@ -63,7 +63,9 @@ from fer_ray.data import FERData, split_indices, synthetic  # noqa: E402
 from fer_ray.loop import EMA, EarlyStopping, Hook, TrainingRun, build_model  # noqa: E402
 from fer_ray.models import list_models, model_cfg  # noqa: E402
 
-SECTIONS = ("environment", "correctness", "throughput", "accuracy", "packing")
+SECTIONS = ("environment", "correctness", "throughput", "accuracy", "packing", "ray")
+RAY_FREE = SECTIONS[:-1]
+"""The sections that never import Ray (the report records ``ray_imported`` after each)."""
 CORRECTNESS_MODELS = ("basic_cnn", "resnet_fer", "timm/resnet18")
 PRECISIONS = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
 TTA_VIEWS = ("identity", "hflip", "shift2,0")
@@ -99,13 +101,16 @@ class Plan:
     """Accuracy epochs, instead of the epochs a timing probe says fit the budget."""
     packing_steps: int | None = None
     """Training steps per worker and packing round, instead of ``packing_s`` seconds."""
+    ray_epochs: int = 2
+    ray_synthetic_n: int = 2000
 
     @classmethod
     def smoke(cls) -> Plan:
         return cls(steps=12, batch=8, loss_window=3, ddp_steps=2, tta_images=16, models=["basic_cnn", "resnet_fer"],
                    tp_batch=16, tp_batch_large=8, tp_infer_batch=32, tp_target_s=0.15, mm_n=256,
                    correctness_img_size={"resnet_fer": 16, "timm/resnet18": 16}, acc_model="basic_cnn",
-                   synthetic_n=600, packing_s=1.0, packing_batch=16, tp_steps=4, acc_epochs=2, packing_steps=16)
+                   synthetic_n=600, packing_s=1.0, packing_batch=16, tp_steps=4, acc_epochs=2, packing_steps=16,
+                   ray_synthetic_n=600)
 
 
 @dataclass
@@ -159,9 +164,9 @@ def jsonable(x):
 class Report:
     """The JSON + Markdown pair, rewritten atomically after every update so a killed run leaves a valid report."""
 
-    def __init__(self, out: Path, meta: dict):
+    def __init__(self, out: Path, meta: dict, stem: str | None = None):
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"gpu_check_{datetime.date.today().isoformat()}"
+        stem = stem or f"gpu_check_{datetime.date.today().isoformat()}"
         self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
         self.doc = {"meta": jsonable(meta), "sections": {}}
 
@@ -176,12 +181,12 @@ class Report:
         ctx.emit = lambda **kv: self.update(name, **kv)
         try:
             result = fn(ctx) or {}
-            self.update(name, status="ok", **result)
+            self.update(name, **({"status": "ok"} | result))  # a section may say it was skipped
         except Exception as e:  # noqa: BLE001 - record it and go on with the next section
             self.update(name, status="error", error=f"{type(e).__name__}: {e}",
                         traceback=traceback.format_exc()[-4000:])
             log(name, f"ERROR {type(e).__name__}: {e}")
-        self.update(name, elapsed_s=time.perf_counter() - t0)
+        self.update(name, elapsed_s=time.perf_counter() - t0, ray_imported="ray" in sys.modules)
         log(name, f"{self.doc['sections'][name]['status']} in {time.perf_counter() - t0:.1f} s")
 
     def write(self) -> None:
@@ -217,10 +222,10 @@ def render_markdown(doc: dict) -> str:
     lines = [f"# fer_ray GPU check, {meta['date']}: {meta['device_name']}", "",
              f"`{meta['command']}` (updated {meta['updated']}; Ray imported: {meta['ray_imported']})", ""]
     for name, sec in doc["sections"].items():
-        lines += [f"## {'abcde'[SECTIONS.index(name)]}. {name}: {sec.get('status')} ({_cell(sec.get('elapsed_s'))} s)",
+        lines += [f"## {'abcdef'[SECTIONS.index(name)]}. {name}: {sec.get('status')} ({_cell(sec.get('elapsed_s'))} s)",
                   ""]
         for key, value in sec.items():
-            if key in ("status", "elapsed_s", "traceback"):
+            if key in ("status", "elapsed_s", "traceback", "ray_imported"):
                 continue
             if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
                 lines += [f"**{key}**", "", *_table(value)]
@@ -355,7 +360,8 @@ def section_environment(ctx: Context) -> dict:
     out["amp_dtype"] = {amp: amp_name(engine.autocast_dtype(TrainConfig(amp=amp), dev)) for amp in ("bf16", "fp16")}
     out["grad_scaler_for_fp16"] = type(engine.grad_scaler(dev, torch.float16)).__name__
     versions = {}
-    for pkg in ("timm", "kornia", "kornia_rs", "fvcore", "iopath", "numpy", "torchvision", "pyyaml", "ray"):
+    for pkg in ("timm", "kornia", "kornia_rs", "fvcore", "iopath", "numpy", "torchvision", "pyyaml", "ray", "pydantic",
+                "aiohttp", "grpcio", "protobuf", "pandas", "pyarrow"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -462,12 +468,12 @@ def tta_device_vs_cpu(ctx: Context, run: TrainingRun) -> dict:
             "max_abs_diff": diff, "argmax_agreement": agree, "tolerance": 1e-3, "pass": diff <= 1e-3}
 
 
-def attempt(what: str, fn, *args) -> dict:
+def attempt(what: str, fn, *args, section: str = "correctness") -> dict:
     """``fn(*args)``, or ``{"pass": False, "error": ...}`` when it raises: one failed check does not end the section."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - recorded in the report
-        log("correctness", f"{what}: ERROR {type(e).__name__}: {e}")
+        log(section, f"{what}: ERROR {type(e).__name__}: {e}")
         return {"pass": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
 
 
@@ -570,7 +576,9 @@ def measure_model(ctx: Context, name: str, amp_cfg: str, peak: float) -> list[di
         cfg = TrainConfig(model=name, amp=amp, batch_size=batch, optimizer="sgd", lr=0.01, num_workers=0,
                           augment=AugmentConfig(hflip=0.5, rotate=10.0, translate=0.2, scale=0.2, erasing=0.5))
         run = TrainingRun(cfg, arrays, dev)
-        gmacs = flops.count_gmacs(run.module) if gmacs is None else gmacs
+        if gmacs is None:  # counted once per model: TrainingRun's own profile where it keeps one
+            gmacs = (getattr(run, "profile", None) or {}).get("gmacs", None)
+            gmacs = flops.count_gmacs(run.module) if gmacs is None else gmacs
         row = {"model": name, "img_size": size, "precision": precision, "amp_dtype": amp_name(run.amp_dtype),
                "batch": batch, "gmacs": gmacs}
         row |= time_training(run, plan.tp_target_s, plan.tp_steps)
@@ -825,6 +833,137 @@ def section_packing(ctx: Context) -> dict:
             "recommended_gpus_per_trial": 1.0 / best["processes"]}
 
 
+# ----------------------------------------------------------------------------------------------------- f. ray
+
+
+def ray_session():
+    """``(init_ray, put_dataset)``: from ``fer_ray.cluster`` (the Ray session's module), else from ``fer_ray.train``
+    (where they lived before)."""
+    try:
+        from fer_ray.cluster import init_ray, put_dataset
+    except ImportError:
+        from fer_ray.train import init_ray, put_dataset
+    return init_ray, put_dataset
+
+
+def ray_train_config(ctx: Context) -> TrainConfig:
+    """One Ray Train run: one DDP worker (nccl on the GPU, gloo on the CPU), AMP (bf16 forced on the CPU)."""
+    cuda = ctx.device.type == "cuda"
+    return TrainConfig(model="basic_cnn", epochs=ctx.plan.ray_epochs, batch_size=32, num_workers=1,
+                       cpus_per_worker=1.0, use_gpu=cuda, amp="auto" if cuda else "bf16", scheduler="cosine")
+
+
+def ray_sweep_config(ctx: Context, cache: Path):
+    """The Tune sweep: 4 in-process trials (``num_workers: 0``) packed onto the one GPU at ``gpu_fraction: 0.25``
+    (half a CPU each on the CPU), synchronous successive halving over ``plan.ray_epochs`` epochs of synthetic data."""
+    from fer_ray.config import SweepConfig
+
+    cuda, epochs = ctx.device.type == "cuda", ctx.plan.ray_epochs
+    train = {"model": "basic_cnn", "epochs": epochs, "batch_size": 32, "num_workers": 0, "amp": "auto" if cuda
+             else "bf16", "use_gpu": cuda, "gpu_fraction": 0.25 if cuda else 1.0,
+             "cpus_per_worker": 2.0 if cuda else 0.5}
+    return SweepConfig.from_dict({
+        "name": "gpu_check_ray", "data": {"synthetic_n": ctx.plan.ray_synthetic_n, "val_fraction": 0.15,
+                                          "cache_dir": str(cache)},
+        "train": train, "search_space": {"drop_rate": {"grid": [0.1, 0.2, 0.3, 0.4]}}, "num_samples": 1,
+        "asha": {"max_t": epochs, "grace_period": max(1, epochs // 2), "reduction_factor": 2, "synchronous": True},
+        "max_concurrent_trials": 4, "tta_views": ["identity", "hflip"], "ensemble_top_k": 2}, "gpu_check")
+
+
+def ray_train_trial(ctx: Context, tmp: Path) -> dict:
+    """``fer_ray.train.make_trainer``'s TorchTrainer of one run, fitted: a Ray Train worker group running
+    ``TrainingRun`` with the trial's hooks, its checkpoints persisted by Ray."""
+    from fer_ray.config import DataConfig
+    from fer_ray.data import prepare_dataset
+    from fer_ray.experiment import Experiment
+    from fer_ray.train import make_trainer
+
+    cfg, put_dataset = ray_train_config(ctx), ray_session()[1]
+    data, splits = prepare_dataset(DataConfig(synthetic_n=ctx.plan.ray_synthetic_n, val_fraction=0.15,
+                                              cache_dir=str(tmp / "cache")))
+    t0 = time.perf_counter()
+    result = make_trainer(cfg, put_dataset(data, splits), Experiment(str(tmp / "train")), "one").fit()
+    m = result.metrics or {}
+    ok = bool(result.error is None and m.get("epoch") == cfg.epochs and result.checkpoint is not None
+              and m.get("world_size") == 1)
+    log("ray", f"Ray Train run: {m.get('epoch')} epochs, val_acc {m.get('val_acc')} ({'ok' if ok else 'FAIL'})")
+    return {"wall_s": time.perf_counter() - t0, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
+            "amp": cfg.amp, "epochs": m.get("epoch"), "val_acc": m.get("val_acc"), "world_size": m.get("world_size"),
+            "startup_s": m.get("startup_s"), "checkpoint": result.checkpoint is not None,
+            "error": None if result.error is None else str(result.error)[-1000:], "pass": ok}
+
+
+def ray_sweep(ctx: Context, tmp: Path) -> dict:
+    """``run_sweep`` (Tune, synchronous halving, 4 packed trials), then the logit store (``tta_stage``), an ensemble
+    (``ensemble_stage``) and the leaderboard (``report_stage``), each timed."""
+    from fer_ray.data import prepare_dataset
+    from fer_ray.pipeline import ensemble_stage, report_stage, tta_stage
+    from fer_ray.sweep import run_sweep
+
+    cfg = ray_sweep_config(ctx, tmp / "cache")
+    exp, out, walls = str(tmp / "sweep"), {}, {}
+    t0 = time.perf_counter()
+    prepared = prepare_dataset(cfg.data)
+    trials = run_sweep(cfg, exp, prepared=prepared)
+    walls["sweep_s"] = time.perf_counter() - t0
+    epochs = sorted(int(e) for e in trials.epochs_run)
+    out |= {"trials": len(trials), "epochs_run": epochs, "gpu_fraction": cfg.train.gpu_fraction,
+            "cpus_per_trial": cfg.train.cpus_per_worker, "best_val_acc": float(trials.best_val_acc.max())}
+    ctx.emit(sweep=out | walls)
+    t1 = time.perf_counter()
+    stored = tta_stage(exp, prepared=prepared)
+    walls["tta_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    ensemble = ensemble_stage(exp, cfg.ensemble_top_k)
+    walls["ensemble_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    board = report_stage(exp, str(tmp / "report"))
+    walls["report_s"] = time.perf_counter() - t1
+    cols = [c for c in ("name", "kind", "arch", "tta_views", "oof_acc_val", "acc_val", "acc_public_test")
+            if c in board.columns]
+    top = board[cols].head(5).to_dict("records")
+    n, a = cfg.num_trials(), cfg.asha  # one halving: the better half goes on from grace_period to max_t
+    halving = [a.grace_period] * (n - n // 2) + [a.max_t] * (n // 2)
+    checks = {"trials": len(trials) == n, "halving": epochs == sorted(halving),
+              "logit_store": len(stored) >= len(trials), "ensemble": bool((board.kind == "ensemble").any())}
+    log("ray", f"sweep {len(trials)} trials {epochs} epochs, {len(stored)} logit files, ensemble "
+               f"{ensemble.get('name')}; checks {checks}")
+    return out | walls | {"logit_files": len(stored), "ensemble": ensemble.get("name"), "leaderboard_top": top,
+                          "checks": checks, "pass": all(checks.values())}
+
+
+def section_ray(ctx: Context) -> dict:
+    """Ray on this machine, when it imports (the GPU machine gets it from ``scripts/pack_ray.py``'s pack): a local
+    Ray started with explicit CPUs (``init_ray``), one Ray Train run and a Tune sweep through the logit store and an
+    ensemble; Ray is shut down at the end (nothing else is stopped)."""
+    try:
+        import ray
+    except ImportError as e:
+        return {"status": "skipped", "reason": f"ray does not import here ({e}); scripts/pack_ray.py packs it"}
+    cuda = ctx.device.type == "cuda"
+    num_cpus = 2 if ctx.args.smoke and not cuda else min(os.cpu_count() or 2, 8)
+    # Workers import fer_ray (and a carried Ray) through PYTHONPATH, absolute: they do not start in this folder.
+    paths = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, str(ROOT)]))
+    os.environ.pop("RAY_ADDRESS", None)  # this check's own local Ray, never a cluster's
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    t0 = time.perf_counter()
+    ray_session()[0](num_cpus=num_cpus, num_gpus=1 if cuda else 0)
+    out = {"ray": ray.__version__, "num_cpus": num_cpus, "init_s": time.perf_counter() - t0,
+           "resources": ray.cluster_resources()}
+    ctx.emit(**out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu_check_ray") as tmp:
+            out["train_trial"] = attempt("Ray Train run", ray_train_trial, ctx, Path(tmp), section="ray")
+            ctx.emit(train_trial=out["train_trial"])
+            out["sweep"] = attempt("Tune sweep", ray_sweep, ctx, Path(tmp), section="ray")
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+    out["failed_checks"] = [k for k in ("train_trial", "sweep") if not out[k]["pass"]]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- driver
 
 
@@ -841,6 +980,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-s", type=float, default=None, help="budget (default 90; smoke: none)")
     p.add_argument("--budget-s", type=float, default=None, help="accuracy training budget (default 240; smoke: none)")
     p.add_argument("--packing-s", type=float, default=None, help="budget (default 60; smoke: none)")
+    p.add_argument("--name", help="report file stem (default gpu_check_<date>; make gpu-check-ray: ..._ray)")
     p.add_argument("--packing-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # The smoke does fixed work (``Plan.smoke``) with no budget: a slow machine makes it slower, never different.
@@ -863,18 +1003,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # intra-op threads stall when the box is shared (CI): one thread times predictably
     budgets = {"environment": math.inf if args.smoke else 60, "correctness": args.correctness_s,
-               "throughput": args.throughput_s, "accuracy": args.budget_s, "packing": args.packing_s}
+               "throughput": args.throughput_s, "accuracy": args.budget_s, "packing": args.packing_s,
+               "ray": math.inf}  # fixed work: one run and one 4-trial sweep
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     report = Report(Path(args.out), {"date": datetime.date.today().isoformat(), "device_name": device_name,
                                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                                     "smoke": args.smoke, "budgets_s": budgets})
+                                     "smoke": args.smoke, "budgets_s": budgets}, args.name)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     ctx = Context(args, device, plan, emit=lambda **kv: None, deadline=0.0)
     for name in SECTIONS:
         if name in wanted:
             ctx.deadline = time.perf_counter() + budgets[name]
             report.run(name, globals()[f"section_{name}"], ctx)
-    failed = [n for n, s in report.doc["sections"].items() if s["status"] != "ok"]
+    failed = [n for n, s in report.doc["sections"].items() if s["status"] not in ("ok", "skipped")]
     print(f"report: {report.json_path} and {report.md_path}; sections failed: {failed or 'none'}", flush=True)
     return 1 if failed else 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pack Ray for the GPU machine: ``.gpu/ray_site.tar.xz``, an installed, stripped ``ray[default,tune,train]``.
+"""Pack Ray for the GPU machine: ``.cache/gpu/ray_site.tar.xz``, an installed, stripped ``ray[default,tune,train]``.
 
 The GPU machine (``make gpu-check``) runs Python 3.12 with no network and no Ray, and a call carries at most
 64 MiB; Ray's cp312 manylinux wheel alone is ~79 MB. This script, run where PyPI is reachable:
@@ -14,9 +14,10 @@ The GPU machine (``make gpu-check``) runs Python 3.12 with no network and no Ray
    files, console scripts, caches);
 4. writes it as one xz-compressed tar (``--out``) and a manifest beside it (``.json``: packages, versions, sizes).
 
-``make gpu-check`` unpacks the tar into ``GPU_SITE`` (on ``PYTHONPATH``) when it is present. Its size decides the
-plan (docs/gpu.md, "Carrying Ray"): the tar does not fit beside the FER-2013 pack in one call, so the Ray section
-runs in a call of its own (``make gpu-check-ray``: synthetic data, no FER-2013 pack).
+``make gpu-check`` / ``make gpu-check-ray`` unpack the tar into ``GPU_SITE`` (on ``PYTHONPATH``) when it is present
+(``GPU_RAY_PACK``). Its size decides the plan (docs/gpu.md, "Carrying Ray"): 34.5 MiB do not fit beside the 47 MiB
+FER-2013 pack in one call's 64 MiB, so the Ray section runs in a call of its own that carries ``.whl`` and
+``.cache/gpu`` (``make gpu-check-ray``: synthetic data, no FER-2013 pack).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def write_tar(site: Path, out: Path, preset: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ray", default="2.60.0", help="Ray version (the project's)")
-    p.add_argument("--out", default=str(ROOT / ".gpu" / "ray_site.tar.xz"))
+    p.add_argument("--out", default=str(ROOT / ".cache" / "gpu" / "ray_site.tar.xz"),
+                   help="git-ignored, and outside .gpu/ so that carrying .gpu (the FER-2013 pack) never takes it along")
     p.add_argument("--cache", default=str(ROOT / ".cache" / "ray_wheels"), help="where the wheels are downloaded")
     p.add_argument("--carry", action="append", default=[], help="carry this package even if the GPU image has it")
     p.add_argument("--preset", type=int, default=9, help="xz preset (0-9)")

@@ -19,7 +19,7 @@ from fer_ray import engine
 from fer_ray.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["environment", "correctness", "throughput", "accuracy", "packing"]
+SECTIONS = ["environment", "correctness", "throughput", "accuracy", "packing", "ray"]
 
 
 def test_amp_rule_on_cpu_takes_the_asked_dtype():
@@ -30,30 +30,44 @@ def test_amp_rule_on_cpu_takes_the_asked_dtype():
     assert isinstance(engine.grad_scaler(cpu, torch.float16), torch.amp.GradScaler)
 
 
-def test_gpu_check_smoke_on_cpu(tmp_path):
+@pytest.mark.ray
+def test_gpu_check_smoke_on_cpu(tmp_path, no_session_ray):
+    """Every section, the Ray one last (its own local Ray: the session's is paused, ``no_session_ray``)."""
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--smoke",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = sorted(out.glob("gpu_check_*.json"))
     assert len(reports) == 1 and reports[0].with_suffix(".md").is_file()
     doc = json.loads(reports[0].read_text())
-    assert list(doc["sections"]) == SECTIONS and doc["meta"]["ray_imported"] is False
+    assert list(doc["sections"]) == SECTIONS
     for name, section in doc["sections"].items():
         assert section["status"] == "ok", (name, section.get("error"), section.get("traceback"))
+        assert section["ray_imported"] is (name == "ray"), name  # the first five run without Ray
     correctness = doc["sections"]["correctness"]
-    assert correctness["failed_checks"] == []
+    assert correctness["failed_checks"] == [] and correctness["skipped_for_budget"] == []
     runs = {(r["model"], r["precision"]): r for r in correctness["training"]}
     assert len(runs) == 9 and runs["basic_cnn", "bf16"]["amp_dtype"] == "torch.bfloat16"
+    assert runs["basic_cnn", "bf16"]["logits_dtype"] == "torch.bfloat16"
     assert runs["basic_cnn", "fp16"]["scaler"] == "GradScaler" and runs["basic_cnn", "fp32"]["scaler"] is None
-    assert correctness["ddp"]["backend"] == "gloo"
+    assert all(r["pass"] and r["steps"] == 12 for r in runs.values())
+    assert correctness["ddp"]["backend"] == "gloo" and correctness["ddp"]["wrapped_as"] == "DistributedDataParallel"
+    assert correctness["tta_device_vs_cpu"]["pass"]
     throughput = doc["sections"]["throughput"]
     assert throughput["table"] and all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in throughput["table"])
+    assert throughput["skipped_for_budget"] == [] and len(throughput["table"]) == 4  # 2 models × fp32/AMP
     accuracy = doc["sections"]["accuracy"]
-    assert accuracy["epochs"] and 0 <= accuracy["public_test_acc_tta"] <= 1
+    assert len(accuracy["epochs"]) == 2 and 0 <= accuracy["public_test_acc_tta"] <= 1  # Plan.smoke's fixed epochs
+    assert accuracy["loop_hooks"] == ["EMA", "EarlyStopping", "Record", "Budget"] and not accuracy["stopped_by_budget"]
     packing = doc["sections"]["packing"]
-    assert [r["processes"] for r in packing["table"]] == [1, 2, 4]
+    assert [r["processes"] for r in packing["table"]] == [1, 2, 4] and packing["steps_per_round"] == 16
     assert packing["recommended_gpus_per_trial"] in (1.0, 0.5, 0.25)
+    ray = doc["sections"]["ray"]
+    assert ray["failed_checks"] == [] and ray["num_cpus"] == 2
+    assert ray["train_trial"]["pass"] and ray["train_trial"]["epochs"] == 2, ray["train_trial"]
+    sweep = ray["sweep"]
+    assert sweep["pass"] and sweep["trials"] == 4 and sweep["epochs_run"] == [1, 1, 2, 2], sweep
+    assert any(r["kind"] == "ensemble" for r in sweep["leaderboard_top"])
     text = reports[0].with_suffix(".md").read_text()
     assert all(f"{name}: ok" in text for name in SECTIONS)
 
@@ -155,3 +169,27 @@ def test_budget_hook_ends_a_training_run(gpu_check):
     run = gpu_check.TrainingRun(cfg.replace(epochs=3), gpu_check.run_arrays(images, labels), torch.device("cpu"))
     stop = gpu_check.Budget(math.inf, clock)
     assert len(run.fit([tick, stop])) == 3 and not stop.stopped
+
+
+def test_ray_section_is_skipped_where_ray_does_not_import(gpu_check, monkeypatch, tmp_path):
+    """Without Ray (the GPU machine when its pack did not travel) the ray section says so and the run still passes."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = gpu_check.section_ray(context(gpu_check, FakeClock(), budget=math.inf))
+    assert result["status"] == "skipped" and "pack_ray" in result["reason"]
+    report = gpu_check.Report(tmp_path, {"date": "d", "device_name": "cpu", "command": "c"}, stem="r")
+    report.run("ray", gpu_check.section_ray, context(gpu_check, FakeClock(), budget=math.inf))
+    section = json.loads((tmp_path / "r.json").read_text())["sections"]["ray"]
+    assert section["status"] == "skipped" and "ray: skipped" in (tmp_path / "r.md").read_text()
+
+
+def test_ray_configs_pack_four_trials_on_one_gpu(gpu_check):
+    """The Ray section's sweep: 4 trials at a quarter GPU each on CUDA (half a CPU each on the CPU), one halving."""
+    for device in ("cuda", "cpu"):
+        ctx = gpu_check.Context(argparse.Namespace(smoke=device == "cpu"), torch.device(device),
+                                gpu_check.Plan.smoke(), emit=lambda **kv: None, deadline=math.inf)
+        cfg = gpu_check.ray_sweep_config(ctx, Path("cache"))
+        assert cfg.num_trials() == 4 and cfg.asha.synchronous and cfg.train.num_workers == 0
+        assert (cfg.train.use_gpu, cfg.train.gpu_fraction) == ((True, 0.25) if device == "cuda" else (False, 1.0))
+        train = gpu_check.ray_train_config(ctx)
+        assert train.num_workers == 1 and train.use_gpu is (device == "cuda")
+        assert train.amp == ("auto" if device == "cuda" else "bf16")
