@@ -92,7 +92,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp(prefix="fer_bench_predict_"))
     try:
-        bundle_dir = build_bundle(tmp)
+        bundle_dir = build_bundle(tmp, n=70 if args.smoke else 280)  # smoke: the fewest the config allows
         data = generate(n, seed=1)
         faces = data.images
         bundle = load_bundle(bundle_dir, threads=threads)
