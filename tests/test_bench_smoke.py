@@ -32,7 +32,7 @@ def own_ray_per_benchmark():
 def run_smoke(script: str, out: Path, *extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, script, "--smoke", *extra, "--out", str(out)], cwd=BENCH, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)  # a hang guard only
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
