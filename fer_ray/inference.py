@@ -131,6 +131,11 @@ def fill_store(exp, data: FERData, splits: dict[str, np.ndarray], views: Sequenc
                                  f"{row.trial_id} ({row.arch} @ {row.img_size}px)", views,
                                  weights=getattr(row, "weights", None) or "raw"))
             rows.append((row, sha))
+    if on_ray and jobs:  # before any task: the placement groups stopped trials left hold what the tasks need
+        from fer_ray import cluster, footprint
+
+        cluster.init_ray()
+        footprint.release_quietly(exp)
     for n, (i, res) in enumerate(score_checkpoints(jobs, data.images, on_ray=on_ray), 1):
         row, sha, views = *rows[i], jobs[i].views
         for split, logits in res["logits"].items():

@@ -155,6 +155,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
     shared dataset.
     ``verbose``: Ray's trial tables and worker logs too (else one line per trial epoch).
     """
+    from fer_ray import footprint
     from fer_ray.models import check_model_names
 
     exp = as_experiment(exp)
@@ -167,6 +168,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
             exp.check_data(fingerprint(data, splits), cfg.data.path or "the synthetic generator")
         cluster.init_ray(num_cpus=num_cpus, verbose=verbose)
         data_ref = cluster.put_dataset(data, splits)
+    footprint.start_stage(exp, autoscaled=not cluster.STARTED_LOCAL_RAY)  # what earlier drivers' trials left
     if not verbose:  # Tune's new console output prints its header and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Every kept checkpoint forces a snapshot of Tune's (small) experiment state; concurrent trials that report
@@ -193,8 +195,12 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(
                                           **(CHECKPOINT_KEEP if cfg.keep_checkpoints == "best" else KEEP_ALL)),
-                                      callbacks=[EpochLines(), *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
-    tuner.fit()
+                                      callbacks=[EpochLines(), footprint.ReleaseStopped(exp),
+                                                 *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
+    try:
+        tuner.fit()
+    finally:  # every stopped trial's placement group and resource request, so the cluster can scale down
+        footprint.release_quietly(exp, wait_s=30)
     return collect_trials(exp, cfg, group)
 
 

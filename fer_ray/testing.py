@@ -1,19 +1,35 @@
-"""Helpers the tests and benchmarks share: a real S3-compatible server (moto's server mode) on loopback.
+"""Helpers the tests and benchmarks share: a real S3-compatible server (moto's server mode) on loopback, and a real
+autoscaling Ray cluster on this one machine (Ray's own autoscaler driving its fake multi-node provider).
 
-Needs the ``dev`` extra (``moto[server]``). Nothing in the pipeline imports this module.
+``s3_server`` needs the ``dev`` extra (``moto[server]``). Nothing in the pipeline imports this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
 """Fake credentials for the loopback server (and no slow EC2 metadata lookups)."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -25,9 +41,7 @@ def s3_server(bucket: str = "fer-test", prefix: str = "runs") -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     saved = {k: os.environ.get(k) for k in S3_ENV}
@@ -44,3 +58,149 @@ def s3_server(bucket: str = "fer-test", prefix: str = "runs") -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# -- an autoscaling Ray cluster on one machine ---------------------------------------------------------------------
+HEAD_TYPE = "ray.head.default"
+"""The node type the fake provider gives the head (``FAKE_HEAD_NODE_TYPE``)."""
+
+
+def node_types(cpu_max: int = 2, cpus: int = 2, object_store_mb: int = 200) -> dict:
+    """Worker node types mirroring ``cluster.yaml`` at this machine's scale: ``cpu`` (``cpus`` CPUs, 0..``cpu_max``)
+    and two GPU types with logical GPUs and ``accelerator_type:<X>`` resources (0..1 each). The GPU types get one CPU,
+    so nothing that asks for more (a DDP trial's worker group, a TTA task) can land there: the CPU type is what
+    scales for CPU work, as on the real cluster."""
+    store = object_store_mb * 1024**2
+
+    def kind(resources: dict, most: int) -> dict:
+        return {"resources": resources | {"object_store_memory": store}, "node_config": {}, "min_workers": 0,
+                "max_workers": most}
+
+    return {"cpu": kind({"CPU": cpus}, cpu_max),
+            "gpu_a10g": kind({"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}, 1),
+            "gpu_4x_a10g": kind({"CPU": 1, "GPU": 4, "accelerator_type:A10G": 4}, 1)}
+
+
+def autoscaling_config(gcs_port: int, types: dict, idle_timeout_minutes: float = 0.25,
+                       upscaling_speed: float = 1.0) -> dict:
+    """A cluster config for Ray's fake multi-node provider (``ray/autoscaler/_private/fake_multi_node``): the real
+    autoscaler, nodes started as local processes that join the head's GCS at ``127.0.0.1:<gcs_port>``."""
+    lists = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+             "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude",
+             "rsync_filter")
+    return {"cluster_name": "fer-ray-fake", "max_workers": sum(t["max_workers"] for t in types.values()),
+            "upscaling_speed": upscaling_speed, "idle_timeout_minutes": idle_timeout_minutes,
+            "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True},
+            "auth": {}, "docker": {}, "head_node_type": HEAD_TYPE,
+            "available_node_types": {HEAD_TYPE: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                                     **types},
+            "file_mounts": {}, "file_mounts_sync_continuously": False, **{k: [] for k in lists}}
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    """A running ``autoscaling_cluster``: where to reach it and the environment its clients need."""
+
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    config: dict
+    pid: int
+    """The head's ``ray start --block`` process; it leads the session (and process group) every node runs in."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Variables a client (a driver subprocess, ``ray status``, ``ray.init``) of this cluster needs."""
+        return {"RAY_ADDRESS": self.gcs_address, "RAY_AUTH_MODE": "token"}
+
+    def connect(self, **init_kwargs) -> None:
+        """``ray.init`` this process as a client of the cluster. Token mode is set process-wide as Ray's own local
+        ``ray.init`` does (``RAY_AUTH_MODE=token`` and a refreshed config: Ray reads the variable when its config is
+        initialized, at import)."""
+        import ray
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
+        ray.init(address=self.gcs_address, **init_kwargs)
+
+    def log_text(self, name: str = "monitor.log") -> str:
+        """A log of the head's session (``monitor.log``: the autoscaler's view, ``ray start.log``: the head)."""
+        path = Path(self.temp_dir, "ray start.log") if name == "ray start.log" else \
+            Path(self.temp_dir, "session_latest", "logs", name)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in session ``sid`` (Linux ``/proc``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def _end_session(sid: int, grace_s: float = 20.0) -> None:
+    """End every process of the session ``sid`` this module started: SIGTERM to its process group, then SIGKILL to
+    whatever of the session is left after ``grace_s`` (never a kill by name, never ``ray stop``)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(types: dict | None = None, idle_timeout_minutes: float = 0.25, upscaling_speed: float = 1.0,
+                        head_object_store_mb: int = 200, start_timeout_s: float = 180.0) -> Iterator[LocalCluster]:
+    """Start a head (0 CPUs: it takes no trials) with Ray's autoscaler over the fake multi-node provider and the
+    node ``types`` (default ``node_types()``), in a temp folder of its own given as ``--temp-dir`` (not Ray's
+    default, as on the clusters where Ray Train's State-API cleaner fails), on free loopback ports; yield a
+    ``LocalCluster``. On exit, end the session of processes it started (``ray start --block`` runs in a new session:
+    the head's and every worker node's processes), by its id, and remove the temp folder. Token authentication is
+    on: clients need ``LocalCluster.env``."""
+    tmp = tempfile.mkdtemp(prefix="fer_ray_asc_")  # short: Ray's socket paths live under it
+    gcs, dash, client, agent = free_port(), free_port(), free_port(), free_port()
+    config = autoscaling_config(gcs, types or node_types(), idle_timeout_minutes, upscaling_speed)
+    cfg_path = Path(tmp, "autoscaling.yaml")
+    cfg_path.write_text(_dump_yaml(config))
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_cli, "start", "--head", "--block", f"--autoscaling-config={cfg_path}", f"--temp-dir={tmp}",
+           f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=0",
+           "--num-gpus=0", f"--object-store-memory={head_object_store_mb * 1024**2}", "--disable-usage-stats"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token"}
+    log_file = open(Path(tmp, "ray start.log"), "wb")  # the head writes to it until it ends
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = LocalCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", tmp, config, proc.pid)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while "Ray runtime started" not in cluster.log_text("ray start.log"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the autoscaling head did not start:\n{cluster.log_text('ray start.log')[-3000:]}")
+            time.sleep(0.5)
+        yield cluster
+    finally:
+        _end_session(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        log_file.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dump_yaml(obj: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)

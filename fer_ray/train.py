@@ -173,6 +173,10 @@ def make_trainer(cfg: TrainConfig, data_ref, exp: Experiment | str, trial_id: st
     ``keep_all``: keep every epoch's checkpoint (a checkpoint library) instead of the best and the latest.
     """
     exp = exp if isinstance(exp, Experiment) else Experiment(exp)
+    if cfg.num_workers > 0:  # the controller records its placement group and resource request (fer_ray.footprint)
+        from fer_ray.footprint import FootprintCallback
+
+        callbacks = [*(callbacks or []), FootprintCallback(exp, trial_id, group)]
     keep = ray.train.CheckpointConfig(**(KEEP_ALL if keep_all else CHECKPOINT_KEEP))
     run = ray.train.RunConfig(name=f"train_{trial_id}", storage_path=exp.train_storage(group),
                               callbacks=callbacks or None, checkpoint_config=keep,
