@@ -771,7 +771,8 @@ def packing_worker(spec: dict) -> None:
         while (n < spec["steps"] * spec["batch"]) if spec["steps"] else (time.perf_counter() - t0 < spec["seconds"]):
             n += run.train_epoch()["images"]
         seconds = time.perf_counter() - t0
-        (tmp / f"result_{k}_{rank}.json").write_text(json.dumps({"images": n, "seconds": seconds}))
+        # Atomically: the driver reads the file as soon as it exists (a half-written one failed a loaded CI run).
+        _atomic_write(tmp / f"result_{k}_{rank}.json", json.dumps({"images": n, "seconds": seconds}))
 
 
 def _wait_for(paths: list[Path], procs: list[subprocess.Popen], timeout: float, what: str, tmp: Path) -> None:
