@@ -45,7 +45,9 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
         return
-    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
+    # address="local": a new Ray of this process's own, even when a `ray start` cluster runs on this host (without
+    # it ray.init joins the newest such cluster, and then refuses num_cpus).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
              dashboard_host="127.0.0.1", **quiet)
     global STARTED_LOCAL_RAY
     STARTED_LOCAL_RAY = True  # no autoscaler: fer_ray.placement.check_feasible fails fast

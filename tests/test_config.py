@@ -82,6 +82,7 @@ def test_ints_are_accepted_where_floats_are_expected():
     assert DataConfig.from_dict({"path": None}).path is None
 
 
+@pytest.mark.subprocess
 def test_config_is_a_torch_free_leaf():
     import subprocess
     import sys

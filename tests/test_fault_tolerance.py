@@ -3,7 +3,6 @@ FailureConfig, ``ray.train.get_checkpoint``), and an interrupted sweep driver re
 re-running finished trials, ending with the same leaderboard as an uninterrupted run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -43,20 +42,21 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session):
 
 
 def _sweep_cmd(*args):
-    return [sys.executable, "-m", "fer_ray.cli", "sweep", *args, "--sweep-only", "--num-cpus", "2"]
+    return [sys.executable, "-m", "fer_ray.cli", "sweep", *args, "--sweep-only"]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, no_session_ray):
+@pytest.mark.subprocess
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, session_env):
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"""
 name: resume
 data: {{synthetic_n: 300, val_fraction: 0.2, cache_dir: {tmp_path / 'cache'}}}
-train: {{model: basic_cnn, img_size: 32, epochs: 6, batch_size: 32, num_workers: 0, cpus_per_worker: 1}}
+train: {{model: basic_cnn, img_size: 32, epochs: 4, batch_size: 32, num_workers: 0, cpus_per_worker: 1}}
 search_space: {{lr: {{grid: [0.001, 0.002, 0.003]}}}}
 num_samples: 1
-asha: {{max_t: 6, grace_period: 6}}
+asha: {{max_t: 4, grace_period: 4}}
 """)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = session_env  # each driver joins the session's Ray, as `ray job submit` would
     exp = tmp_path / "out" / "resume"
     proc = subprocess.Popen(_sweep_cmd(str(cfg), "--out", str(tmp_path / "out")), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -66,7 +66,7 @@ asha: {{max_t: 6, grace_period: 6}}
 
     def interrupted_mid_trial() -> bool:  # one trial finished, another one part-way
         done = epochs_done()
-        return 6 in done and any(1 <= d <= 3 for d in done)
+        return 4 in done and any(1 <= d <= 2 for d in done)
 
     try:
         deadline = time.time() + 240
@@ -76,7 +76,7 @@ asha: {{max_t: 6, grace_period: 6}}
         assert interrupted_mid_trial(), epochs_done()
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:  # never leave a second Ray instance behind for the tests that follow
+        if proc.poll() is None:  # never leave a driver behind for the tests that follow
             proc.kill()
             proc.wait()
     store = Experiment(exp)
@@ -84,12 +84,12 @@ asha: {{max_t: 6, grace_period: 6}}
     def checkpoint_mtimes(trial_id: str) -> dict:
         return {loc: Path(loc).stat().st_mtime_ns for loc in store.checkpoints(trial_id).values()}
 
-    first = {t: checkpoint_mtimes(t) for t in store.trial_ids() if len(store.history(t)) == 6}
+    first = {t: checkpoint_mtimes(t) for t in store.trial_ids() if len(store.history(t)) == 4}
     assert first, "at least one trial finished before the interrupt"
     subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = pd.read_parquet(exp / "trials.parquet")
-    assert len(trials) == 3 and (trials.epochs_run == 6).all()
+    assert len(trials) == 3 and (trials.epochs_run == 4).all()
     for trial_id, mtimes in first.items():  # finished before the interrupt: untouched by the resume
         assert checkpoint_mtimes(trial_id) == mtimes
     # The same sweep run without interruption ends with the same leaderboard, to the last digit.

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fer_ray.models import create_model, list_models, model_cfg
 
+pytestmark = pytest.mark.subprocess  # two gloo ranks in spawned processes
 MODELS = list_models()
 SMALL = 64
 

@@ -84,6 +84,7 @@ def test_what_a_fer_ray_started_ray_listens_on(ray_session):
     assert is_token_auth_enabled(), "non-loopback listeners without token authentication"
 
 
+@pytest.mark.subprocess
 def test_a_client_without_the_token_is_refused(ray_session, tmp_path):
     import ray
 

@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # a fresh interpreter with ray and fvcore blocked
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = ("ray", "fvcore")

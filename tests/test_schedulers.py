@@ -21,14 +21,14 @@ def test_every_rung_keeps_the_best_of_all_trials(tmp_path, ray_session):
         "train": {"model": "basic_cnn", "img_size": 32, "epochs": 4, "batch_size": 32, "num_workers": 0,
                   "cpus_per_worker": 0.9},
         "search_space": {"lr": {"loguniform": [1e-4, 3e-3]}, "drop_rate": {"uniform": [0.1, 0.6]}},
-        "num_samples": 6, "max_concurrent_trials": 2,
+        "num_samples": 4, "max_concurrent_trials": 2,
         "asha": {"max_t": 4, "grace_period": 1, "reduction_factor": 2, "synchronous": True}})
     df = run_sweep(cfg, tmp_path / "sh", verbose=0)
-    assert sorted(df.epochs_run) == [1, 1, 1, 2, 4, 4]  # 6 trials → top 3 at epoch 1 → top 2 at epoch 2 → 4
+    assert sorted(df.epochs_run) == [1, 1, 2, 4]  # 4 trials → top 2 at epoch 1 → top 1 at epoch 2 → 4
     curves = {t: pd.DataFrame(json.loads((tmp_path / "sh" / "trials" / t / "history.json").read_text()))
               for t in df.trial_id}
     ran = df.set_index("trial_id").epochs_run
-    for rung, kept in ((1, 3), (2, 2)):
+    for rung, kept in ((1, 2), (2, 1)):
         at_rung = [t for t in curves if ran[t] >= rung]
         best = sorted(at_rung, key=lambda t: curves[t].val_score.iloc[rung - 1], reverse=True)[:kept]
         assert sorted(best) == sorted(t for t in at_rung if ran[t] > rung), f"rung {rung}"
