@@ -55,11 +55,19 @@ def test_ray_internals_footprint():
     assert 'name="AutoscalingCoordinator"' in source and 'namespace="AutoscalingCoordinator"' in source
     assert footprint.COORDINATOR == ("AutoscalingCoordinator", "AutoscalingCoordinator")
     assert callable(dac._AutoscalingCoordinatorActor.cancel_request)
+    assert callable(dac._AutoscalingCoordinatorActor.get_reserved_resources)
+    assert "get_if_exists=True" in source and "NodeAffinitySchedulingStrategy" in source  # created on the caller's node
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    assert HEAD_NODE_RESOURCE_NAME == "node:__internal_head__"
     assert "self._ongoing_reqs" in inspect.getsource(dac._AutoscalingCoordinatorActor.__init__)
     # The GCS tables read without the State API.
     fields = {f.name for f in gcs_pb2.PlacementGroupTableData.DESCRIPTOR.fields}
     assert {"placement_group_id", "creator_actor_id", "state"} <= fields
     assert gcs_pb2.PlacementGroupTableData.REMOVED is not None
+    assert {"actor_id", "class_name", "state", "owner_address"} <= {f.name for f in
+                                                                    gcs_pb2.ActorTableData.DESCRIPTOR.fields}
+    assert gcs_pb2.ActorTableData.DEAD is not None
     assert callable(state._connect_and_get_accessor) and callable(state.actor_table)
 
 
@@ -167,6 +175,14 @@ def _workers(ray) -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]]
 
 
+def _kind(node: dict) -> str:
+    """The node type of ``fer_ray.testing.node_types`` a node is, from its resources."""
+    res = node["Resources"]
+    if "node:__internal_head__" in res:
+        return "head"
+    return {0: "cpu", 1: "gpu_a10g"}.get(int(res.get("GPU", 0)), "gpu_4x_a10g")
+
+
 def _fer_ray_pgs(controllers: set[str]) -> dict[str, str]:
     """Placement group → state, of those the Train controllers created (read from the GCS table)."""
     return {pg.placement_group_id.hex(): pg.state for pg in footprint._gcs_placement_groups()
@@ -224,12 +240,14 @@ def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch):
             print(f"[autoscaling] submit → first worker up {first_up - t0:.1f}s; {most} workers at most; driver "
                   f"{'killed' if REPRO else 'done'} after {t_done - t0:.1f}s", flush=True)
             if REPRO:  # the driver's job is gone: Ray removes its placement groups; the requests stay up to 180 s
-                _wait_scaled_down(ray, cluster, t_done, deadline_s=300, check=False)
+                _wait_scaled_down(ray, cluster, t_done, deadline_s=300, check=False, since="driver killed")
                 return
             assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
             _check_results(exp_dir)
             _check_ran_on_workers(ray)
-            _wait_scaled_down(ray, cluster, t_done, deadline_s=3 * (15 + 25))
+            t_last_task = max(p.stat().st_mtime for p in (exp_dir / "logits").rglob("*.parquet"))
+            print(f"[autoscaling] last TTA task → driver done {t_done - t_last_task:.1f}s", flush=True)
+            _wait_scaled_down(ray, cluster, t_last_task, deadline_s=3 * (15 + 25))
         finally:
             ray.shutdown()
 
@@ -237,11 +255,12 @@ def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch):
 def _watch_sweep(ray, driver, exp_dir: Path, t0: float) -> tuple[float, int]:
     """Follow the driver until it exits (in the reproduction: until the TTA stage has been stuck for 90 s; the
     driver is then killed): when the first worker node came up and how many ran at once."""
-    first_up, most, stuck_since = None, 0, None
+    first_up, most, stuck_since, seen = None, 0, None, set()
     while driver.poll() is None:
         assert time.time() < t0 + 1200, "the sweep did not finish in 20 minutes"
         workers = _workers(ray)
         most = max(most, len(workers))
+        seen |= {(n["NodeID"][-5:], _kind(n)) for n in workers}
         if workers and first_up is None:
             first_up = time.time()
         if REPRO and (exp_dir / "trials.parquet").exists() and not (exp_dir / "logits").exists():
@@ -251,6 +270,7 @@ def _watch_sweep(ray, driver, exp_dir: Path, t0: float) -> tuple[float, int]:
                 driver.kill()
                 driver.wait()
         time.sleep(1)
+    print(f"[autoscaling] worker nodes seen: {sorted(seen)}", flush=True)
     return first_up or time.time(), most
 
 
@@ -296,9 +316,13 @@ def _check_ran_on_workers(ray) -> None:
     train = [a for a in state.actor_table(None).values() if a["ActorClassName"] in kinds]
     assert {a["ActorClassName"] for a in train} == {"TrainController", "RayTrainWorker"}, train
     assert all(a["Address"]["NodeID"] != head for a in train), "a trial ran on the 0-CPU head"
+    kinds = {n["NodeID"]: _kind(n) for n in ray.nodes()}
+    print("[autoscaling] Train actors by node type:",
+          sorted({(a["ActorClassName"], kinds.get(a["Address"]["NodeID"], "?")) for a in train}), flush=True)
 
 
-def _wait_scaled_down(ray, cluster, t_done: float, deadline_s: float, check: bool = True) -> None:
+def _wait_scaled_down(ray, cluster, t_done: float, deadline_s: float, check: bool = True,
+                      since: str = "last TTA task") -> None:
     """Poll (no assertion on speed) until no worker node is left, then check that nothing of fer_ray's is."""
     from ray.util.state import list_placement_groups
 
@@ -315,7 +339,7 @@ def _wait_scaled_down(ray, cluster, t_done: float, deadline_s: float, check: boo
                   f"coordinator requests {seen[2]}", flush=True)
             last = seen
         time.sleep(1)
-    print(f"[autoscaling] last task → last worker gone {time.time() - t_done:.1f}s", flush=True)
+    print(f"[autoscaling] {since} → last worker gone {time.time() - t_done:.1f}s", flush=True)
     if not check:
         return
     pgs = list_placement_groups(address=cluster.dashboard_url, limit=1000)
