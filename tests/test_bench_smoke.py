@@ -13,20 +13,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = sorted(s for s in BENCH.glob("bench_*.py") if s.stem != "bench_flops")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_ray_per_benchmark():
-    """The benchmarks start their own Ray: pause the session's for this module (once, not per benchmark), and keep
-    its address out of their environment, or they would join it instead of starting their own."""
-    import ray
-
-    from fer_ray import cluster
-
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
-    yield
-    if was_running:
-        cluster.init_ray(num_cpus=2)
+# The benchmarks start their own Ray: the session's is paused for this module (``no_session_ray``, which also sorts
+# the module after the tests that use the session's Ray), and its address is kept out of their environment, or they
+# would join it instead of starting their own.
+pytestmark = [pytest.mark.subprocess, pytest.mark.usefixtures("no_session_ray")]
 
 
 def run_smoke(script: str, out: Path, *extra: str) -> dict:

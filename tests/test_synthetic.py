@@ -38,16 +38,17 @@ def test_deterministic_by_seed():
 
 
 def test_learnable_but_not_trivial():
-    """A small CNN trained for 5 epochs lands clearly above the majority class and clearly below 100 %.
+    """A small CNN trained for 4 epochs lands clearly above the majority class and clearly below 100 %.
 
-    Same setting as the demo's basic_cnn trial (6,000 images, 48 px, batch 64, AdamW 1e-3): about 35 s on 2
-    cores. Measured 0.73 held-out accuracy against a 0.25 majority class.
+    The demo's basic_cnn trial at 48 px (AdamW 1e-3) on 4,000 images, batch 32: 400 steps, about half the images the
+    demo's 6,000 x 5 epochs see. Measured 0.66 held-out accuracy with this seed and with the next one (generator seed
+    2, torch seed 1), against a 0.25 majority class; 3,000 images x 3 epochs stays near the majority class.
     """
     torch.manual_seed(0)
-    data = generate(6000, seed=1)
+    data = generate(4000, seed=1)
     tr, te = data.usage == 0, data.usage != 0
     x, y = torch.from_numpy(data.images[tr]), torch.from_numpy(data.labels[tr])
-    cfg = TrainConfig(model="basic_cnn", epochs=5, batch_size=64, lr=1e-3, optimizer="adamw")
+    cfg = TrainConfig(model="basic_cnn", epochs=4, batch_size=32, lr=1e-3, optimizer="adamw")
     model = create_model("basic_cnn", img_size=48)
     pre, aug = Preprocess.for_model(model.fer_cfg), Augment(cfg.augment)
     opt = engine.build_optimizer(cfg, model.parameters())
