@@ -6,8 +6,9 @@
   fer_ray did not record and a run whose controller is alive are left alone.
 - ``test_sweep_on_autoscaling_cluster`` runs a small ASHA sweep (2 DDP trials, 2 epochs, grace period 1) through TTA,
   ensembles and the leaderboard as a driver of a real autoscaling cluster on this machine (Ray's autoscaler over its
-  fake multi-node provider, the head started with a non-default ``--temp-dir``, 0 CPUs on the head): the autoscaler
-  adds worker nodes, the trials run there, the sweep finishes and the cluster goes back to 0 workers with none of
+  fake multi-node provider, the head started with a non-default ``--temp-dir``, 0 CPUs on the head), the experiment
+  in an S3 bucket (moto's server on loopback; ``FER_RAY_ASC_LOCAL=1``: a local folder): the autoscaler adds worker
+  nodes, the trials run there, the sweep finishes and the cluster goes back to 0 workers with none of
   fer_ray's placement groups or resource requests left. With ``FER_RAY_REPRO_NO_RELEASE=1`` the driver runs with
   ``release`` disabled and the test instead shows the hang of issue 23 (the TTA tasks wait behind the placement groups
   of the stopped trials) and prints what it saw. Times are printed (``[autoscaling]`` lines), never asserted.
@@ -211,14 +212,18 @@ def _pg_summary() -> dict[str, str]:
 
 
 @pytest.mark.ray
-def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch):
+def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch, request):
     import ray
 
     from fer_ray.testing import autoscaling_cluster
 
     cfg = tmp_path / "asc.yaml"
     cfg.write_text(SWEEP.format(cache=tmp_path / "cache"))
-    exp_dir = tmp_path / "results" / "asc"
+    # The experiment in a bucket (moto's S3 server on loopback) unless FER_RAY_ASC_LOCAL=1 (a folder of this disk,
+    # which every fake node shares).
+    out = str(tmp_path / "results") if os.environ.get("FER_RAY_ASC_LOCAL") == "1" else request.getfixturevalue(
+        "s3_server")
+    exp = Experiment.under(out, "asc")
     with autoscaling_cluster(idle_timeout_minutes=0.25) as cluster:
         for k, v in cluster.env.items():
             monkeypatch.setenv(k, v)
@@ -227,11 +232,11 @@ def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch):
             code = ["-c", NO_RELEASE] if REPRO else ["-m", "fer_ray.cli"]
             t0 = time.time()
             with open(tmp_path / "driver.log", "w") as log:
-                driver = subprocess.Popen([sys.executable, *code, "sweep", str(cfg), "--out", str(exp_dir.parent)],
+                driver = subprocess.Popen([sys.executable, *code, "sweep", str(cfg), "--out", out],
                                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
                                           stderr=subprocess.STDOUT)
                 try:
-                    first_up, most = _watch_sweep(ray, driver, exp_dir, t0)
+                    first_up, most = _watch_sweep(ray, driver, exp, t0)
                 finally:
                     if driver.poll() is None:
                         driver.kill()
@@ -243,16 +248,16 @@ def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch):
                 _wait_scaled_down(ray, cluster, t_done, deadline_s=300, check=False, since="driver killed")
                 return
             assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
-            _check_results(exp_dir)
+            _check_results(exp)
             _check_ran_on_workers(ray)
-            t_last_task = max(p.stat().st_mtime for p in (exp_dir / "logits").rglob("*.parquet"))
+            t_last_task = max(exp.fs.get_file_info(exp.path(f)).mtime.timestamp() for f in exp.files("logits", True))
             print(f"[autoscaling] last TTA task → driver done {t_done - t_last_task:.1f}s", flush=True)
             _wait_scaled_down(ray, cluster, t_last_task, deadline_s=3 * (15 + 25))
         finally:
             ray.shutdown()
 
 
-def _watch_sweep(ray, driver, exp_dir: Path, t0: float) -> tuple[float, int]:
+def _watch_sweep(ray, driver, exp: Experiment, t0: float) -> tuple[float, int]:
     """Follow the driver until it exits (in the reproduction: until the TTA stage has been stuck for 90 s; the
     driver is then killed): when the first worker node came up and how many ran at once."""
     first_up, most, stuck_since, seen = None, 0, None, set()
@@ -263,10 +268,10 @@ def _watch_sweep(ray, driver, exp_dir: Path, t0: float) -> tuple[float, int]:
         seen |= {(n["NodeID"][-5:], _kind(n)) for n in workers}
         if workers and first_up is None:
             first_up = time.time()
-        if REPRO and (exp_dir / "trials.parquet").exists() and not (exp_dir / "logits").exists():
+        if REPRO and exp.is_file("trials.parquet") and not exp.files("logits", True):
             stuck_since = stuck_since or time.time()
             if time.time() - stuck_since > 90:
-                _report_hang(ray, exp_dir)
+                _report_hang(ray, exp)
                 driver.kill()
                 driver.wait()
         time.sleep(1)
@@ -274,14 +279,14 @@ def _watch_sweep(ray, driver, exp_dir: Path, t0: float) -> tuple[float, int]:
     return first_up or time.time(), most
 
 
-def _report_hang(ray, exp_dir: Path) -> None:
+def _report_hang(ray, exp: Experiment) -> None:
     from ray.core.generated import gcs_pb2
 
     controllers = _controllers(ray)
     print("[autoscaling] reproduction: the sweep finished 90 s ago and no TTA task has run", flush=True)
     print("[autoscaling] Train controllers:", {a[:12]: c["State"] for a, c in controllers.items()}, flush=True)
     print("[autoscaling] placement groups:", _pg_summary(), flush=True)
-    print("[autoscaling] ledger:", json.dumps(footprint.ledger(Experiment(exp_dir)), indent=1), flush=True)
+    print("[autoscaling] ledger:", json.dumps(footprint.ledger(exp), indent=1), flush=True)
     print("[autoscaling] coordinator requests:", footprint.standing_requests(), flush=True)
     print("[autoscaling] workers:", [n["NodeID"][-5:] for n in _workers(ray)], flush=True)
     print("[autoscaling] pending tasks:", [(t.name, t.state) for t in _pending_tasks()], flush=True)
@@ -300,12 +305,12 @@ def _pending_tasks() -> list:
         return []
 
 
-def _check_results(exp_dir: Path) -> None:
+def _check_results(exp: Experiment) -> None:
     for rel in ("trials.parquet", "report/leaderboard.csv", "ensembles/top2_mean_logits.json",
                 "ensembles/greedy_nll.json"):
-        assert (exp_dir / rel).exists(), rel
-    assert list((exp_dir / "logits").rglob("*.parquet")), "no TTA logits"
-    assert not list((exp_dir / footprint.LEDGER).rglob("*.json")), "ledger entries left"
+        assert exp.is_file(rel), rel
+    assert [f for f in exp.files("logits", True) if f.endswith(".parquet")], "no TTA logits"
+    assert not exp.files(footprint.LEDGER, True), "ledger entries left"
 
 
 def _check_ran_on_workers(ray) -> None:
