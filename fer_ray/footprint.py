@@ -222,11 +222,12 @@ def _release_entry(exp: Experiment, rel: str, entry: dict) -> dict[str, int]:
             pass
     cleaners = cleaners_of(entry)
     if cleaners and not controller_alive(entry):  # no handle to end them with: say so (they hold no resources)
-        log.warning("fer_ray footprint: Ray Train's PlacementGroupCleaner %s of Train run %s is still alive with its "
-                    "controller dead (its State API lookup failed; a process on the head until the cluster stops)",
-                    ", ".join(cleaners), entry.get("run_id"))
+        log.warning("fer_ray footprint: Ray Train's PlacementGroupCleaner %s of Train run %s is alive with its "
+                    "controller dead: it exits once its State API lookup finds the controller gone; where that lookup "
+                    "fails (no RAY_ADDRESS in the job's runtime_env, several Ray instances on the host) it stays on "
+                    "the head", ", ".join(cleaners), entry.get("run_id"))
     exp.delete(rel)
-    return {"placement_groups": len(pgs), "requests": cancelled, "stuck_cleaners": len(cleaners), "entries": 1}
+    return {"placement_groups": len(pgs), "requests": cancelled, "cleaners_alive": len(cleaners), "entries": 1}
 
 
 def ledger(exp: Experiment | str, trial_ids: Iterable[str] | None = None) -> dict[str, dict]:
@@ -248,11 +249,11 @@ def release(exp: Experiment | str, trial_ids: Iterable[str] | None = None, wait_
     (every recorded run when ``None``) whose controller is dead, then forget them. ``wait_s``: wait up to this long
     for controllers still alive to die (a stopped trial's controller dies a moment after its driver); runs still
     alive after that are left as they are. Returns counts: placement groups removed, coordinator cancels sent, Ray
-    Train cleaner actors found stuck (``cleaners_of``: reported, not ended), entries forgotten, entries left because
+    Train cleaner actors still alive (``cleaners_of``: reported, not ended), entries forgotten, entries left because
     their controller is alive. Needs a connected Ray."""
     exp = as_experiment(exp)
     entries = ledger(exp, trial_ids)
-    done = {"placement_groups": 0, "requests": 0, "stuck_cleaners": 0, "entries": 0, "alive": 0}
+    done = {"placement_groups": 0, "requests": 0, "cleaners_alive": 0, "entries": 0, "alive": 0}
     deadline = time.monotonic() + wait_s
     while entries:
         for rel, entry in list(entries.items()):

@@ -125,7 +125,7 @@ def test_release_removes_only_what_the_ledger_records(ray_session, tmp_path):
         assert footprint.placement_groups_of(exp.read_json(footprint.entry_rel("t_dead", "fake-run"))) == {
             ours.id.hex(): "CREATED", pending_hex: "PENDING"}
         done = footprint.release(exp)
-        assert done == {"placement_groups": 2, "requests": 1, "stuck_cleaners": 0, "entries": 1, "alive": 1}
+        assert done == {"placement_groups": 2, "requests": 1, "cleaners_alive": 0, "entries": 1, "alive": 1}
         assert _pg_state(ours) == "REMOVED"
         assert ray.util.placement_group_table()[pending_hex]["state"] == "REMOVED"
         assert _pg_state(other) == "CREATED", "the live run's placement group was touched"
@@ -149,7 +149,7 @@ def test_release_unrecorded_placement_group_untouched(ray_session, tmp_path):
     ray.get(pg.ready(), timeout=60)
     try:
         assert footprint.release(Experiment(tmp_path / "empty")) == {"placement_groups": 0, "requests": 0,
-                                                                     "stuck_cleaners": 0, "entries": 0, "alive": 0}
+                                                                     "cleaners_alive": 0, "entries": 0, "alive": 0}
         assert _pg_state(pg) == "CREATED"
     finally:
         remove_placement_group(pg)
