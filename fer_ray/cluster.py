@@ -1,4 +1,4 @@
-"""The one owner of the Ray session and, next, of fer_ray's footprint on it.
+"""The one owner of the Ray session (what fer_ray leaves on it, and takes back, is ``fer_ray.footprint``'s).
 
 ``init_ray`` joins the cluster at ``RAY_ADDRESS`` (``ray job submit``) or starts a local Ray bound to 127.0.0.1,
 and records which of the two it did (``STARTED_LOCAL_RAY``: read it as ``cluster.STARTED_LOCAL_RAY``, a module
@@ -40,9 +40,15 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: 
     """
     if ray.is_initialized():
         return
+    env = storage_env()
+    address = os.environ.get("RAY_ADDRESS")
+    if address and "://" not in address and address != "auto":
+        # A cluster's GCS address for the job's workers too: Ray Train's placement-group cleaner (a detached actor
+        # the trials' controllers start) finds its cluster through it, and not by guessing among the Rays on a host.
+        env["RAY_ADDRESS"] = address
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING,
-             "runtime_env": {"env_vars": storage_env()} if storage_env() else None}
-    if os.environ.get("RAY_ADDRESS"):
+             "runtime_env": {"env_vars": env} if env else None}
+    if address:
         ray.init(**quiet)
         return
     # address="local": a new Ray of this process's own, even when a `ray start` cluster runs on this host (without
