@@ -5,7 +5,7 @@ The GPU machine (``make gpu-check``) runs Python 3.12 with no network and no Ray
 64 MiB; Ray's cp312 manylinux wheel alone is ~79 MB. This script, run where PyPI is reachable:
 
 1. ``pip download``s ``ray[default,tune,train]==VERSION`` and its requirements as cp312 manylinux x86_64 wheels
-   (``--only-binary=:all:``) into ``--cache``; ``default`` because ``fer_ray.train.init_ray`` starts the dashboard,
+   (``--only-binary=:all:``) into ``--cache``; ``default`` because ``fer_ray.cluster.init_ray`` starts the dashboard,
    which refuses to start without its packages (``ray.dashboard.optional_deps``), ``tune``/``train`` for the sweep;
 2. leaves out every requirement the GPU machine's image already holds (``ON_GPU``: the package list of
    ``/work/.library/device/KINDS.md``, 2026-11-17; ``--carry NAME`` keeps one anyway);

@@ -2,7 +2,7 @@
 processes (read from /proc, so no tool is needed). Ray 2.60 binds its dashboard/job server where told (fer_ray
 tells it 127.0.0.1) but has no setting to keep the GCS, raylet, object manager, workers and dashboard agent off the
 other interfaces; there, token authentication is on and a client without the cluster's token is refused (checked
-with a real connection attempt). README ("What listens where") lists the same."""
+with a real connection attempt). docs/cluster.md ("What listens where") lists the same."""
 
 import os
 import subprocess
@@ -78,7 +78,7 @@ def test_what_a_fer_ray_started_ray_listens_on(ray_session):
     loopback = {"127.0.0.1", "::1"}
     exposed = [row for row in listeners if row[0] not in loopback]
     assert exposed, "Ray 2.60 binds its gRPC servers on every interface; if this fails, Ray can now do better: " \
-                    "bind them to 127.0.0.1 in fer_ray.train.init_ray and update the README"
+                    "bind them to 127.0.0.1 in fer_ray.cluster.init_ray and update docs/cluster.md"
     assert {name for *_, name in exposed} <= {"gcs_server", "raylet", "python"} | {
         n for *_, n in exposed if n.startswith("ray::")}, exposed
     assert is_token_auth_enabled(), "non-loopback listeners without token authentication"
