@@ -78,7 +78,7 @@ def _pg_state(pg) -> str:
     return ray.util.placement_group_table(pg).get("state", "REMOVED")
 
 
-def _wait_dead(actor_id: str, timeout: float = 30) -> None:
+def _wait_dead(actor_id: str, timeout: float = 120) -> None:
     from ray._private.state import state
 
     deadline = time.time() + timeout
@@ -198,7 +198,7 @@ def _controllers(ray) -> dict[str, dict]:
 
 def _status(cluster) -> str:
     out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", "--address", cluster.gcs_address],
-                         env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=60)
+                         env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=180)
     return out.stdout + out.stderr
 
 
