@@ -4,9 +4,10 @@ Every dataclass rejects unknown keys, values of the wrong type (each value is ch
 hint) and impossible values with a one-line ``ConfigError`` naming the field. A sweep file (``sweeps/*.yaml``)
 holds ``data``, ``train`` (the base trial config) and a ``search_space`` of dotted ``train`` field names (``lr``,
 ``augment.strength``) mapped to ``{choice|grid|uniform|loguniform|randint}``, every candidate (and both bounds of a
-range) checked as a value of its field. This module is a leaf: it imports no torch and no other fer_ray module but
-the torch-free view grammar (``fer_ray.views``); model names are checked where models live
-(``fer_ray.models.check_model_names``) when a sweep is loaded to run.
+range) checked as a value of its field, optionally conditional on the trial's model (``when: {model: [...]}``);
+``search`` picks the algorithm that proposes trials (``SearchConfig``: random or Optuna TPE). This module is a
+leaf: it imports no torch and no other fer_ray module but the torch-free view grammar (``fer_ray.views``); model
+names are checked where models live (``fer_ray.models.check_model_names``) when a sweep is loaded to run.
 """
 
 from __future__ import annotations
@@ -372,6 +373,49 @@ class PlacementRule(_Config):
 
 
 _SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
+SEARCH_ALGORITHMS = ("random", "optuna")
+
+
+def sampler_of(spec: dict) -> tuple[str, Any]:
+    """A search-space entry's sampler and its values: its one key besides ``when`` (``{uniform: [lo, hi]}``)."""
+    (sampler, values), = ((k, v) for k, v in spec.items() if k != "when")
+    return sampler, values
+
+
+def condition_of(spec: dict) -> list[str] | None:
+    """The models a conditional search-space entry (``when: {model: [...]}``) applies to; ``None``: every model."""
+    return spec["when"]["model"] if "when" in spec else None
+
+
+@dataclass
+class SearchConfig(_Config):
+    """How the sweep proposes trial configs (``fer_ray.search``): random draws or Optuna's TPE, seeded by the sweep's
+    ``seed`` either way."""
+
+    algorithm: str = "random"
+    """``random``: Ray Tune's variant generator (random draws; ``grid`` entries crossed with them). ``optuna``: Ray
+    Tune's ``OptunaSearch`` with a seeded TPE sampler, which proposes each trial from the trials finished (or stopped
+    by the scheduler) before it; ``grid`` entries are not supported."""
+    max_concurrent: int | None = None
+    """``optuna``: trials proposed and running at once (Tune's ``ConcurrencyLimiter``); ``null``: as many as fit on
+    the cluster when the sweep starts (its CPUs and GPUs over one trial's). Fewer at once: more finished trials for
+    TPE to learn from per proposal. Random search runs ``max_concurrent_trials`` at once."""
+    n_startup_trials: int = 10
+    """``optuna``: trials drawn at random (seeded) before TPE models the results (Optuna's default)."""
+    multivariate: bool = False
+    """``optuna``: multivariate TPE (Optuna's ``multivariate`` with ``group`` for the conditional fields): models the
+    fields jointly instead of one by one."""
+
+    def __post_init__(self) -> None:
+        _check(self.algorithm in SEARCH_ALGORITHMS, "algorithm",
+               f"must be one of {', '.join(SEARCH_ALGORITHMS)}, got {self.algorithm!r}")
+        _check(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be >= 1 or null")
+        _check(self.n_startup_trials >= 0, "n_startup_trials", f"must be >= 0, got {self.n_startup_trials}")
+        if self.algorithm != "optuna":
+            defaults = SearchConfig(algorithm="optuna")
+            for name in ("max_concurrent", "n_startup_trials", "multivariate"):
+                _check(getattr(self, name) == getattr(defaults, name), name,
+                       f"is an option of algorithm optuna (algorithm is {self.algorithm})")
 
 
 @dataclass
@@ -401,7 +445,9 @@ class SweepConfig(_Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     search_space: dict = field(default_factory=dict)
     """Dotted TrainConfig field → ``{choice: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
-    ``{randint: [lo, hi]}`` or ``{grid: [...]}``."""
+    ``{randint: [lo, hi]}`` or ``{grid: [...]}``; ``model_kwargs.<name>`` searches a keyword of the model's
+    builder. ``when: {model: [...]}`` beside the sampler makes the field conditional: it is searched only in trials
+    of those models, the others keep the ``train`` value (for a model keyword: the model's own default)."""
     num_samples: int = 4
     asha: AshaConfig = field(default_factory=AshaConfig)
     metric: str = "val_score"
@@ -410,7 +456,11 @@ class SweepConfig(_Config):
     majority-class accuracy all tie at the first rung and all pass it. Checkpoints are chosen on ``val_acc``."""
     mode: str = "max"
     max_concurrent_trials: int = 1
+    """Trials running at once with random search (``search.max_concurrent`` with ``optuna``)."""
     seed: int = 0
+    """Seeds the search: random draws, or Optuna's TPE sampler."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """How trial configs are proposed: ``{algorithm: random}`` (the default) or ``{algorithm: optuna}``."""
     max_failures: int = 1
     """Tune retries per trial (a retried trial resumes from its last epoch checkpoint)."""
     tta_views: list = field(default_factory=lambda: ["identity", "hflip"])
@@ -445,14 +495,56 @@ class SweepConfig(_Config):
                 parse_view_spec(str(view))
             except ValueError as e:
                 raise ConfigError(f"tta_views: {e} (quote views with commas in YAML: \"shift2,0\")") from None
+        if isinstance(self.search, dict):
+            self.search = SearchConfig.from_dict(self.search, "search")
         base = self.train.to_dict()
         for key, spec in self.search_space.items():
-            _check(_has_path(base, key), f"search_space.{key}", "is not a train config field")
-            ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _SAMPLERS
-            _check(ok, f"search_space.{key}", f"must be one mapping of {'/'.join(_SAMPLERS)} to values")
-            _check_space(base, key, *next(iter(spec.items())))
+            _check(_has_path(base, key) or _is_model_kwarg(key), f"search_space.{key}",
+                   "is not a train config field (nor model_kwargs.<name>, a keyword of the model's builder)")
+            ok = isinstance(spec, dict) and len(set(spec) - {"when"}) == 1 and set(spec) - {"when"} <= set(_SAMPLERS)
+            _check(ok, f"search_space.{key}", f"must be one mapping of {'/'.join(_SAMPLERS)} to values "
+                                              "(and optionally when: {model: [...]})")
+            sampler, values = sampler_of(spec)
+            _check(sampler != "grid" or self.search.algorithm != "optuna", f"search_space.{key}",
+                   "grid is not supported with search.algorithm optuna (use choice)")
+            _check_space(base, key, sampler, values)
+        for key, spec in self.search_space.items():  # once every entry (the model's among them) is known good
+            if "when" in spec:
+                self._check_condition(key, spec["when"])
+        _check(self.search.algorithm != "optuna" or self.max_concurrent_trials == 1, "max_concurrent_trials",
+               "with search.algorithm optuna set search.max_concurrent instead")
         if self.asha.max_t > self.train.epochs:
             raise ConfigError(f"asha.max_t ({self.asha.max_t}) exceeds train.epochs ({self.train.epochs})")
+
+    def models(self) -> list:
+        """The models this sweep's trials can have: ``search_space.model``'s candidates, else ``train.model``."""
+        spec = self.search_space.get("model")
+        return list(sampler_of(spec)[1]) if spec else [self.train.model]
+
+    def _check_condition(self, key: str, when: Any) -> None:
+        where = f"search_space.{key}.when"
+        _check(key != "model", where, "the model field itself cannot be conditional")
+        ok = isinstance(when, dict) and set(when) == {"model"} and isinstance(when["model"], list) and when["model"]
+        _check(ok, where, f"must be {{model: [names]}}, got {when!r}")
+        models = self.models()
+        for name in when["model"]:
+            _check(name in models, f"{where}.model", f"{name!r} is not a model of this sweep (its models: "
+                                                     f"{', '.join(map(str, models))})")
+
+    def conditioned(self, train: dict) -> dict:
+        """A trial's train config (a dict) with every conditional field that does not apply to its model set back
+        to the ``train`` value (random search draws every field; ``optuna`` suggests only the fields that apply)."""
+        base = self.train.to_dict()
+        for key, spec in self.search_space.items():
+            models = condition_of(spec)
+            if models is None or train.get("model") in models:
+                continue
+            if _has_path(base, key):
+                train = set_path(train, key, _get_path(base, key))
+            else:  # a model keyword the train config does not set: the model's own default
+                kwargs = {k: v for k, v in train["model_kwargs"].items() if k != key.partition(".")[2]}
+                train = set_path(train, "model_kwargs", kwargs)
+        return train
 
     def num_trials(self) -> int:
         """How many trials Tune will create: ``num_samples`` × the product of the ``grid`` lengths."""
@@ -511,6 +603,16 @@ def _has_path(d: dict, dotted: str) -> bool:
             return False
         d = d[part]
     return True
+
+
+def _is_model_kwarg(key: str) -> bool:
+    return re.fullmatch(r"model_kwargs\.[A-Za-z_]\w*", key) is not None
+
+
+def _get_path(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
 
 
 def set_path(d: dict, dotted: str, value: Any) -> dict:

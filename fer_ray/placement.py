@@ -20,6 +20,7 @@ An explicit ``train.accelerator_type`` wins over the rules; CPU trials are never
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -106,6 +107,14 @@ def trial_demand(cfg: TrainConfig) -> tuple[float, float, float]:
     if cfg.num_workers == 0:
         return cfg.cpus_per_worker, gpus, 1
     return 0.1 + cfg.num_workers * cfg.cpus_per_worker, gpus * cfg.num_workers, cfg.num_workers
+
+
+def trials_that_fit(configs: list[TrainConfig], resources: dict) -> int:
+    """How many trials run at once on a cluster with ``resources`` (``ray.cluster_resources()``): its CPUs (and
+    GPUs) over the most any one of ``configs`` holds (``trial_demand``); at least 1."""
+    need = {k: max(trial_demand(c)[i] for c in configs) for i, k in enumerate(("CPU", "GPU"))}
+    fits = [resources.get(k, 0) / n for k, n in need.items() if n > 0]
+    return max(1, math.floor(min(fits) + 1e-9)) if fits else 1
 
 
 def check_feasible(configs: list[TrainConfig], autoscaled: bool) -> None:

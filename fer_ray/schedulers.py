@@ -71,12 +71,13 @@ class SuccessiveHalving(HyperBandScheduler):
         return super().choose_trial_to_run(tune_controller)
 
 
-def make_scheduler(cfg: SweepConfig) -> ASHAScheduler | SuccessiveHalving:
+def make_scheduler(cfg: SweepConfig, max_running: int | None = None) -> ASHAScheduler | SuccessiveHalving:
     """The sweep's scheduler on the trials' ``epoch``; Tune hands it ``cfg.metric``/``cfg.mode`` (default
-    ``val_score``). ``asha.synchronous`` selects ``SuccessiveHalving``, else Ray Tune's (asynchronous) ASHA."""
+    ``val_score``). ``asha.synchronous`` selects ``SuccessiveHalving`` (running at most ``max_running`` trials,
+    default ``cfg.max_concurrent_trials``), else Ray Tune's (asynchronous) ASHA."""
     a = cfg.asha
     if a.synchronous:
         return SuccessiveHalving(max_t=a.max_t, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                                 num_trials=cfg.num_trials(), max_running=cfg.max_concurrent_trials)
+                                 num_trials=cfg.num_trials(), max_running=max_running or cfg.max_concurrent_trials)
     return ASHAScheduler(time_attr="epoch", max_t=a.max_t, grace_period=a.grace_period,
                          reduction_factor=a.reduction_factor)

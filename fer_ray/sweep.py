@@ -9,7 +9,8 @@ the model's size and compute as its checkpoint recorded them when training built
 
 A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
 ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the scheduler (on ``epoch``, ranking
-``val_score``) stops or pauses trials. A paused, retried or resumed trial's driver builds the same TorchTrainer
+``val_score``) stops or pauses trials; the search algorithm that proposes them (random, or Optuna TPE) is
+``fer_ray.search``'s. A paused, retried or resumed trial's driver builds the same TorchTrainer
 again and Ray Train continues the run from its latest checkpoint; in-process trials (``num_workers: 0``) report
 and checkpoint through Tune, which restores them the same way. ``run_sweep(group=...)`` runs the same machinery
 for one-off runs (``fer-ray train``, a ``fer-ray distill`` student) under another prefix of the experiment.
@@ -28,44 +29,26 @@ import pandas as pd
 from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
-from ray.tune.search import BasicVariantGenerator
 
 from fer_ray import cluster
 from fer_ray.checkpoint import checkpoint_profile, load_checkpoint
-from fer_ray.config import SweepConfig, TrainConfig, set_path
+from fer_ray.config import SweepConfig, TrainConfig, sampler_of, set_path
 from fer_ray.data import CLASSES, prepare_dataset
 from fer_ray.data.dataset import fingerprint
 from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.loop import best_entry
 from fer_ray.names import SPLIT_ROLES
-from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources
+from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources, trials_that_fit
 from fer_ray.schedulers import (
     SuccessiveHalving,  # noqa: F401 — Tune state of older experiments pickles this path
     make_scheduler,
 )
+from fer_ray.search import make_searcher, param_space  # noqa: F401 — param_space: the sweep's Tune space
 from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
 from fer_ray.train import CHECKPOINT_KEEP, KEEP_ALL, make_trainer
 
 log = logging.getLogger(__name__)
-
-_SAMPLERS = {
-    "choice": tune.choice,
-    "grid": tune.grid_search,
-    "uniform": lambda v: tune.uniform(*v),
-    "loguniform": lambda v: tune.loguniform(*v),
-    "randint": lambda v: tune.randint(v[0], v[1] + 1),
-}
-
-
-def param_space(cfg: SweepConfig) -> dict:
-    """Tune's param_space: the base train config with each search-space path replaced by a Tune domain."""
-    train = cfg.train.to_dict()
-    for key, spec in cfg.search_space.items():
-        sampler, values = next(iter(spec.items()))
-        train = set_path(train, key, _SAMPLERS[sampler](values))
-    return {"train": train}
-
 
 RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "gpu_fraction")
 
@@ -77,8 +60,25 @@ def trial_configs(cfg: SweepConfig) -> list[TrainConfig]:
     for key, spec in cfg.search_space.items():
         if key in RESOURCE_FIELDS:
             out += [TrainConfig.from_dict(set_path(cfg.train.to_dict(), key, v), "train")
-                    for v in next(iter(spec.values()))]
+                    for v in sampler_of(spec)[1]]
     return out
+
+
+def concurrency(cfg: SweepConfig) -> int:
+    """How many trials run at once: ``max_concurrent_trials`` with random search; with ``optuna``,
+    ``search.max_concurrent`` or, unset, as many as fit on the connected cluster now
+    (``fer_ray.placement.trials_that_fit``)."""
+    import ray
+
+    if cfg.search.algorithm != "optuna":
+        return cfg.max_concurrent_trials
+    n = cfg.search.max_concurrent or trials_that_fit(trial_configs(cfg), ray.cluster_resources())
+    log.info("optuna: up to %d trial(s) proposed and running at once", n)
+    if cfg.asha.synchronous:
+        log.warning("optuna under synchronous halving: the bracket's %d trials are all proposed before any finishes, "
+                    "so they are TPE's seeded random start-up draws (use ASHA for TPE to learn as it goes)",
+                    cfg.num_trials())
+    return n
 
 
 def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failures: int,
@@ -87,7 +87,7 @@ def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failur
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = TrainConfig.from_dict(config["train"], "train")
+    cfg = TrainConfig.from_dict(sweep.conditioned(config["train"]) if sweep else config["train"], "train")
     rule = sweep.rule_for(cfg.model) if sweep else None
     if cfg.num_workers > 0:  # local mode got its GPU type with the trial's resources
         cfg = place_in_cluster(cfg, rule)
@@ -99,7 +99,7 @@ def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failur
 
 def _resources(config: dict, sweep: SweepConfig) -> PlacementGroupFactory:
     """A trial driver's resources, from the trial's own config (``fer_ray.placement.trial_resources``)."""
-    cfg = TrainConfig.from_dict(config["train"], "train")
+    cfg = TrainConfig.from_dict(sweep.conditioned(config["train"]), "train")
     gpus = cluster_gpus() if cfg.use_gpu and cfg.num_workers == 0 else {}
     return PlacementGroupFactory([trial_resources(cfg, sweep.rule_for(cfg.model), gpus)])
 
@@ -182,14 +182,15 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         # (Tune checks the keys) whenever TrainConfig gained a field since the sweep started.
         tuner = tune.Tuner.restore(tune_uri, trainable=trainable, resume_errored=True)
     else:
-        # Synchronous successive halving pauses trials; the scheduler itself caps how many run at once.
-        concurrent = None if cfg.asha.synchronous else cfg.max_concurrent_trials
+        running = concurrency(cfg)
+        # Synchronous successive halving pauses trials, which a searcher counts as live until they finish: the
+        # scheduler caps how many run at once, and the searcher may propose every trial of the bracket.
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=make_scheduler(cfg),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode,
+                                        scheduler=make_scheduler(cfg, max_running=running),
                                         num_samples=cfg.num_samples,
-                                        search_alg=BasicVariantGenerator(random_state=cfg.seed,
-                                                                         max_concurrent=concurrent or 0),
+                                        search_alg=make_searcher(cfg, None if cfg.asha.synchronous else running),
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=int(verbose),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
