@@ -946,7 +946,8 @@ def section_ray(ctx: Context) -> dict:
     # Workers import fer_ray (and a carried Ray) through PYTHONPATH, absolute: they do not start in this folder.
     paths = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, str(ROOT)]))
-    os.environ.pop("RAY_ADDRESS", None)  # this check's own local Ray, never a cluster's
+    if not ctx.args.join_ray:
+        os.environ.pop("RAY_ADDRESS", None)  # this check's own local Ray, never a cluster's
     os.environ.setdefault("WANDB_MODE", "disabled")
     t0 = time.perf_counter()
     ray_session()[0](num_cpus=num_cpus, num_gpus=1 if cuda else 0)
@@ -959,8 +960,9 @@ def section_ray(ctx: Context) -> dict:
             ctx.emit(train_trial=out["train_trial"])
             out["sweep"] = attempt("Tune sweep", ray_sweep, ctx, Path(tmp), section="ray")
     finally:
-        ray.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
+        ray.shutdown()  # a joined Ray goes on: shutdown only disconnects this driver
+        if not ctx.args.join_ray:
+            os.environ.pop("RAY_ADDRESS", None)
     out["failed_checks"] = [k for k in ("train_trial", "sweep") if not out[k]["pass"]]
     return out
 
@@ -981,6 +983,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-s", type=float, default=None, help="budget (default 90; smoke: none)")
     p.add_argument("--budget-s", type=float, default=None, help="accuracy training budget (default 240; smoke: none)")
     p.add_argument("--packing-s", type=float, default=None, help="budget (default 60; smoke: none)")
+    p.add_argument("--join-ray", action="store_true",
+                   help="ray section: join the Ray at RAY_ADDRESS (the test suite's session Ray) instead of starting "
+                        "a local one")
     p.add_argument("--name", help="report file stem (default gpu_check_<date>; make gpu-check-ray: ..._ray)")
     p.add_argument("--packing-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -32,11 +32,12 @@ def test_amp_rule_on_cpu_takes_the_asked_dtype():
 
 @pytest.mark.ray
 @pytest.mark.subprocess
-def test_gpu_check_smoke_on_cpu(tmp_path, no_session_ray):
-    """Every section, the Ray one last (its own local Ray: the session's is paused, ``no_session_ray``)."""
+def test_gpu_check_smoke_on_cpu(tmp_path, session_env):
+    """Every section, the Ray one last, on the session's Ray (``--join-ray``; on the GPU machine it starts its own)."""
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--smoke",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+                           "--join-ray", "--out", str(out)], cwd=tmp_path, env=session_env, capture_output=True,
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = sorted(out.glob("gpu_check_*.json"))
     assert len(reports) == 1 and reports[0].with_suffix(".md").is_file()

@@ -72,8 +72,8 @@ def test_what_a_fer_ray_started_ray_listens_on(ray_session):
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     listeners = _listeners(_descendants(os.getpid()))
-    dashboard = int(ray.get_runtime_context().dashboard_url.rsplit(":", 1)[1]) if hasattr(
-        ray.get_runtime_context(), "dashboard_url") else 8265
+    # The port this Ray's dashboard got (8265 unless another Ray on the host holds it, as under pytest-xdist).
+    dashboard = int(ray._private.worker._global_node.webui_url.rsplit(":", 1)[1])
     assert [ip for ip, port, _ in listeners if port == dashboard] == ["127.0.0.1"], listeners
     loopback = {"127.0.0.1", "::1"}
     exposed = [row for row in listeners if row[0] not in loopback]
