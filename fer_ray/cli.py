@@ -7,12 +7,14 @@ its ensembles; ``export`` writes an ensemble or member as a self-contained ONNX/
 ``predict`` runs on images, folders, CSVs and videos and ``serve`` serves over HTTP (Ray Serve); ``models``/``flops``
 inspect the registry; ``data`` writes or summarises data.
 Every ``RESULTS`` argument and ``--out`` take a local path or a storage URI (``s3://bucket/prefix?...``, ``gs://``:
-``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field.
+``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field. A command that writes an
+experiment holds its lease (``fer_ray.lease``) while it runs: a second writer of the same experiment is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -23,7 +25,8 @@ import yaml
 from fer_ray.checkpoint import CheckpointError
 from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
 from fer_ray.data import DataError
-from fer_ray.experiment import Experiment
+from fer_ray.experiment import SWEEP, Experiment
+from fer_ray.lease import LEASE, Lease
 from fer_ray.names import FORMATS
 from fer_ray.storage import StorageError
 from fer_ray.store import StoreError
@@ -66,30 +69,45 @@ def cmd_sweep(args) -> None:
     from fer_ray.pipeline import run_all
 
     if args.resume:
-        exp = Experiment(args.resume)
+        exp = _leased(args, Experiment(args.resume))
         cfg = exp.sweep()
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
         check_model_names(cfg)
-        exp = _new_experiment(args.out, cfg.name, args.overwrite)
+        exp = _new_experiment(args, cfg.name)
     run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only,
             verbose=args.verbose)
 
 
-def _new_experiment(out: str, name: str, overwrite: bool) -> Experiment:
-    """The experiment ``name`` under ``out``. A folder there already is refused unless fer_ray created it and
-    ``overwrite`` is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder
-    fer_ray did not create is never touched."""
+def _leased(args, exp: Experiment, lease: Lease | None = None) -> Experiment:
+    """``exp``, with its lease (``fer_ray.lease``) taken for this command until ``main`` returns: the one place a
+    command that writes an experiment opens it. An existing experiment must hold a ``sweep.yaml`` (checked first,
+    so a wrong path is one line and leaves nothing behind)."""
+    if lease is None:
+        exp.require(SWEEP)
+        lease = Lease(exp, command=f"fer-ray {args.cmd}")
+    args.held.enter_context(lease)
+    return exp
+
+
+def _new_experiment(args, name: str) -> Experiment:
+    """The experiment ``name`` under ``args.out``, leased to this command. One that another live command writes is
+    refused (nothing touched); a folder there already is refused unless fer_ray created it and ``args.overwrite``
+    is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder fer_ray did not
+    create is never touched."""
+    out = args.out
     exp = Experiment.under(out, name)
-    if exp.is_empty():
-        return exp
+    lease = Lease(exp, command=f"fer-ray {args.cmd}")
+    lease.check()  # a live writer: refused before anything is looked at or removed
+    if exp.is_empty() or (exp.files() == [LEASE] and not exp.dirs()):  # nothing, or a dead driver's lease only
+        return _leased(args, exp, lease)
     if not exp.owns():
         exp.remove(within=out)  # refuses with one line: not created by fer_ray
-    if not overwrite:
+    if not args.overwrite:
         raise ConfigError(f"{exp.uri} already holds an experiment: continue it with --resume {exp.uri}, choose "
                           f"another --name or --out, or replace it with --overwrite")
     exp.remove(within=out)
-    return exp
+    return _leased(args, exp, lease)
 
 
 def cmd_demo(args) -> None:
@@ -115,7 +133,7 @@ def cmd_train(args) -> None:
     cfg = SweepConfig.from_dict({"name": args.name or time.strftime("train_%Y%m%d_%H%M%S"), "data": data,
                                  "train": train, "num_samples": 1, "asha": {"max_t": epochs, "grace_period": epochs},
                                  "placement": raw.get("placement", {})}, "train")
-    exp = _new_experiment(args.out, cfg.name, args.overwrite)
+    exp = _new_experiment(args, cfg.name)
     trials = run_sweep(cfg, exp, num_cpus=args.num_cpus, verbose=args.verbose)
     print(trials.drop(columns=["config"]).to_string(index=False))
 
@@ -123,7 +141,7 @@ def cmd_train(args) -> None:
 def cmd_tta(args) -> None:
     from fer_ray.pipeline import tta_stage
 
-    exp = Experiment(args.results_dir)
+    exp = _leased(args, Experiment(args.results_dir))
     paths = tta_stage(exp, args.views)
     print(f"{len(paths)} logit files under {exp.uri_of('logits')}")
 
@@ -132,7 +150,7 @@ def cmd_ensemble(args) -> None:
     from fer_ray.ensemble import EnsembleSpec, ProtocolError, budget_search, run_ensemble
     from fer_ray.pipeline import ensemble_stage
 
-    exp = Experiment(args.results_dir)
+    exp = _leased(args, Experiment(args.results_dir))
     try:
         if args.spec:
             spec_path = Path(args.spec)
@@ -157,14 +175,15 @@ def cmd_evaluate(args) -> None:
     from fer_ray.evaluate import evaluate_external
     from fer_ray.report import format_table
 
-    board = evaluate_external(args.results_dir, args.data, name=args.name, fmt=args.format, class_map=args.class_map)
+    exp = _leased(args, Experiment(args.results_dir))
+    board = evaluate_external(exp, args.data, name=args.name, fmt=args.format, class_map=args.class_map)
     print(format_table(board))
 
 
 def cmd_distill(args) -> None:
     from fer_ray.distill import distill
 
-    row = distill(args.results_dir, args.ensemble, args.student, epochs=args.epochs,
+    row = distill(_leased(args, Experiment(args.results_dir)), args.ensemble, args.student, epochs=args.epochs,
                   temperature=args.temperature, alpha=args.alpha, img_size=args.img_size, name=args.name,
                   num_workers=args.workers, batch_size=args.batch_size, lr=args.lr, num_cpus=args.num_cpus)
     print(row.to_string())
@@ -430,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "sweep" and not (args.sweep or args.resume):
         build_parser().error("sweep: give a sweep file or --resume RESULTS_DIR")
     try:
-        args.func(args)
+        with contextlib.ExitStack() as args.held:  # the leases a writing command takes (_leased), released at its end
+            args.func(args)
     except (ConfigError, DataError, CheckpointError, StoreError, StorageError, yaml.YAMLError) as e:
         print(f"fer-ray: error: {e}", file=sys.stderr)
         return 2
