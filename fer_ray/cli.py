@@ -5,7 +5,7 @@ one); ``train`` runs one Ray Train job; ``tta``, ``ensemble`` and ``report`` re-
 existing experiment folder; ``evaluate`` scores it on another dataset; ``distill`` trains a student of one of
 its ensembles; ``export`` writes an ensemble or member as a self-contained ONNX/TorchScript bundle, which
 ``predict`` runs on images, folders, CSVs and videos and ``serve`` serves over HTTP (Ray Serve); ``models``/``flops``
-inspect the registry; ``data`` writes or summarises data.
+inspect the registry; ``nodes`` prints the local Ray node plan of this box's GPUs; ``data`` writes or summarises data.
 Every ``RESULTS`` argument and ``--out`` take a local path or a storage URI (``s3://bucket/prefix?...``, ``gs://``:
 ``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field. A command that writes an
 experiment holds its lease (``fer_ray.lease``) while it runs: a second writer of the same experiment is refused.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -246,6 +247,17 @@ def cmd_flops(args) -> None:
     print(json.dumps(model_profile(args.model, img_size=args.img_size), indent=1))
 
 
+def cmd_nodes(args) -> None:
+    from fer_ray import gpu, nodes
+
+    gpus = gpu.inventory()
+    for g in gpus:
+        print(f"GPU {g.index}: {g.name} ({g.accelerator_type}, compute capability {g.capability[0]}."
+              f"{g.capability[1]}, {g.memory_gb:g} GB){'' if g.supported else ', left out'}")
+    plan = nodes.plan_nodes(gpus, args.num_cpus or os.cpu_count() or 1)
+    print(nodes.format_plan(plan, host=args.host, port=args.port, python=sys.executable))
+
+
 def _data_quality(args) -> None:
     """``data check`` / ``data report``: duplicate audit (and EDA report) of one dataset."""
     from fer_ray.data import load_data
@@ -410,6 +422,11 @@ COMMANDS: dict[str, tuple] = {
         arg("--no-batching", action="store_true", help="score each request on its own"), NUM_CPUS]),
     "models": (cmd_models, "list registered models", [arg("pattern", nargs="?", default="*")]),
     "flops": (cmd_flops, "params and GMACs (fvcore) of a model", [arg("model"), arg("--img-size", type=int)]),
+    "nodes": (cmd_nodes, "this box's GPUs and the Ray nodes a local run starts for them (one per GPU type; GPUs the "
+                         "installed torch cannot drive left out), with the equivalent `ray start` lines", [
+        arg("--num-cpus", type=int, help="CPUs to split between the nodes (default: all)"),
+        arg("--host", default="127.0.0.1", help="node IP for the `ray start` lines (default 127.0.0.1)"),
+        arg("--port", type=int, default=6379, help="the head's GCS port in the `ray start` lines (default 6379)")]),
     "data": (cmd_data, "write the synthetic set, or load, check or report on a dataset", {
         "synth": ("write a synthetic Kaggle-format fer2013.csv", [
             arg("--out", required=True), arg("--n", type=int, default=6000), arg("--seed", type=int, default=0)]),

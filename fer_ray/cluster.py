@@ -6,12 +6,18 @@ attribute, since ``init_ray`` sets it later); the storage credentials of this en
 travel to every worker through the job's runtime_env, as Ray does not forward the driver's environment.
 ``put_dataset`` puts the one object-store copy of the prepared dataset (``fer_ray.data.prepare``) that every trial
 and worker of a sweep reads.
+
+On a box with several GPU types (or GPUs the installed torch cannot drive), the local Ray is one node per GPU type
+(``fer_ray.nodes``, from ``fer_ray.gpu.inventory``): ``init_ray`` starts them, connects, and ends them (by their
+sessions' ids) at ``stop_local_nodes`` or when the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import time
 
 import numpy as np
 import ray
@@ -24,6 +30,9 @@ bucket as the driver: Ray does not forward the driver's environment to its worke
 
 STARTED_LOCAL_RAY = False
 """True once this process started its own local Ray (nothing can add nodes to it)."""
+LOCAL_NODES = None
+"""The ``fer_ray.nodes.LocalNodes`` this process started (one Ray node per GPU type), or ``None``."""
+log = logging.getLogger(__name__)
 
 
 def storage_env() -> dict[str, str]:
@@ -51,14 +60,58 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, verbose: 
     if address:
         ray.init(**quiet)
         return
-    # address="local": a new Ray of this process's own, even when a `ray start` cluster runs on this host (without
-    # it ray.init joins the newest such cluster, and then refuses num_cpus).
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", **quiet)
     global STARTED_LOCAL_RAY
+    from fer_ray import gpu, nodes
+
+    plan = nodes.plan_nodes(gpu.inventory(), num_cpus or os.cpu_count() or 1)
+    for line in plan.left_out:
+        log.warning(line)
+    if plan.in_process:
+        # address="local": a new Ray of this process's own, even when a `ray start` cluster runs on this host
+        # (without it ray.init joins the newest such cluster, and then refuses num_cpus).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                 num_gpus=plan.num_gpus if num_gpus is None else num_gpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", **quiet)
+    else:
+        _start_local_nodes(plan, quiet)
     STARTED_LOCAL_RAY = True  # no autoscaler: fer_ray.placement.check_feasible fails fast
     # The Train placement-group cleaner and later clients look the cluster up through RAY_ADDRESS.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def _start_local_nodes(plan, init_kwargs: dict, timeout_s: float = 120.0) -> None:
+    """Start ``plan``'s nodes (``fer_ray.nodes.start_nodes``), connect to their head with token authentication (as
+    Ray's own local ``ray.init`` uses it), and wait until every node has joined."""
+    from ray._raylet import Config
+
+    from fer_ray import nodes
+
+    global LOCAL_NODES
+    LOCAL_NODES = nodes.start_nodes(plan)
+    atexit.register(stop_local_nodes)
+    for n in plan.nodes:
+        log.info("local Ray node: %s", n.describe())
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray reads RAY_AUTH_MODE when its config is initialized (at import)
+    ray.init(address=LOCAL_NODES.gcs_address, **init_kwargs)
+    deadline = time.monotonic() + timeout_s  # a liveness guard: workers register within seconds
+    while sum(n["Alive"] for n in ray.nodes()) < len(plan.nodes):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {sum(n['Alive'] for n in ray.nodes())} of {len(plan.nodes)} local Ray nodes "
+                               f"joined within {timeout_s:.0f}s (logs: {LOCAL_NODES.temp_dir})")
+        time.sleep(0.2)
+
+
+def stop_local_nodes() -> None:
+    """Disconnect and end the per-GPU-type nodes this process started (nothing else); a no-op without them."""
+    global LOCAL_NODES
+    if LOCAL_NODES is None:
+        return
+    ray.shutdown()
+    if os.environ.get("RAY_ADDRESS") == LOCAL_NODES.gcs_address:
+        os.environ.pop("RAY_ADDRESS")
+    LOCAL_NODES.stop()
+    LOCAL_NODES = None
 
 
 def put_dataset(data: FERData, splits: dict[str, np.ndarray],

@@ -11,8 +11,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,16 +18,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fer_ray.nodes import end_session, free_port
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
 """Fake credentials for the loopback server (and no slow EC2 metadata lookups)."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -132,35 +125,6 @@ class LocalCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes in session ``sid`` (Linux ``/proc``)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if os.getsid(int(d.name)) == sid:
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
-def _end_session(sid: int, grace_s: float = 20.0) -> None:
-    """End every process of the session ``sid`` this module started: SIGTERM to its process group, then SIGKILL to
-    whatever of the session is left after ``grace_s`` (never a kill by name, never ``ray stop``)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(sid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _session_pids(sid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
 @contextlib.contextmanager
 def autoscaling_cluster(types: dict | None = None, idle_timeout_minutes: float = 0.25, upscaling_speed: float = 1.0,
                         head_object_store_mb: int = 200, start_timeout_s: float = 180.0) -> Iterator[LocalCluster]:
@@ -193,7 +157,7 @@ def autoscaling_cluster(types: dict | None = None, idle_timeout_minutes: float =
             time.sleep(0.5)
         yield cluster
     finally:
-        _end_session(proc.pid)
+        end_session(proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         log_file.close()
