@@ -1,7 +1,11 @@
 """The exported bundle: one folder with a single inference graph and the model card that describes it.
 
 This module owns the bundle's layout and its reading: ``fer-ray export`` (``fer_ray.export``) writes it,
-``fer-ray predict`` and ``fer-ray serve`` load it with ``load_bundle``. Layout::
+``fer-ray predict`` and ``fer-ray serve`` load it with ``load_bundle``. A bundle lives in a local folder or at any
+location ``fer_ray.storage`` reads (``s3://bucket/prefix?endpoint_override=...``, ``gs://...``): it is read
+through ``fer_ray.storage.Storage`` either way, and the graph goes from the bytes read, checked against the card's
+sha256, straight into the runtime, so a Ray Serve replica on a worker node needs no shared disk and no local copy.
+Layout::
 
     model.onnx | model.pt   the graph (ONNX, or TorchScript): uint8 faces [B, 48, 48] in (grayscale, 0-255, one
                             face per 48x48 crop, as FER-2013 stores them); out "probs" [B, 7] (class probabilities
@@ -15,13 +19,16 @@ This module owns the bundle's layout and its reading: ``fer-ray export`` (``fer_
 
 ``load_bundle`` checks the card and the graph file's sha256 and returns a ``Bundle`` whose ``predict`` runs it in
 batches: ONNX Runtime for ONNX graphs (CUDA when asked for and available), torch for TorchScript ones. Every
-problem is a one-line ``BundleError``.
+problem (a missing folder or URI, an unreachable bucket, a modified graph) is a one-line ``BundleError`` naming the
+file or location.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,7 @@ import numpy as np
 
 from fer_ray.config import ConfigError
 from fer_ray.data.dataset import CLASSES, IMG_SIZE, DataError
+from fer_ray.storage import Storage, StorageError, join_uri, normalize, split_uri
 
 BUNDLE_FORMAT = "fer_ray.bundle/1"
 CARD = "model_card.json"
@@ -43,14 +51,15 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class BundleError(ConfigError):
-    """A bundle folder that is missing, incomplete, modified or unreadable (one line, naming the file)."""
+    """A bundle (folder or URI) that is missing, incomplete, modified or unreadable (one line, naming the file)."""
 
 
 @dataclass
 class Bundle:
-    """A loaded bundle: its folder, its model card and the function that runs its graph on one batch."""
+    """A loaded bundle: where it was read from, its model card and the function that runs its graph on one batch."""
 
-    root: Path
+    location: str
+    """The bundle's folder (an absolute path) or URI."""
     card: dict
     run: Runner
     device: str = "cpu"
@@ -61,7 +70,7 @@ class Bundle:
 
     @property
     def name(self) -> str:
-        return str(self.card.get("name", self.root.name))
+        return str(self.card.get("name", posixpath.basename(split_uri(self.location)[0].rstrip("/"))))
 
     def predict(self, faces: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """``(probs, logits)``, float32 ``[N, 7]`` each, of uint8 faces ``[N, 48, 48]`` (``[N, 1, 48, 48]`` too)."""
@@ -86,68 +95,137 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_card(root: str | Path) -> dict:
-    """The model card of the bundle at ``root``, checked for its format, classes and graph entry."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle folder (make one with `fer-ray export RESULTS --ensemble NAME "
-                          f"--out {root}`)")
-    path = root / CARD
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters) of an exception, for one-line errors."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def open_storage(location: str | Path) -> Storage:
+    """The bundle's location as a ``Storage`` (a local folder, or a URI ``fer_ray.storage`` reads); a URI pyarrow
+    cannot open is a ``BundleError`` naming it."""
     try:
-        card = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing; {root} is not a fer_ray bundle (`fer-ray export` writes one)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable model card ({type(e).__name__}: {e}); export the bundle again"
-                          ) from None
+        return Storage(location)
+    except StorageError as e:  # names the location already
+        raise BundleError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{location}: cannot open the bundle's location ({error_line(e)})") from None
+
+
+def missing_bucket(store: Storage) -> str | None:
+    """The bucket of a ``store`` on an object store when it does not exist (``None`` when it does, or locally)."""
+    import pyarrow.fs as pafs
+
+    bucket = store.root.split("/", 1)[0]
+    if store.is_local or not bucket or store.fs.get_file_info(bucket).type != pafs.FileType.NotFound:
+        return None
+    return bucket
+
+
+def _read_card_bytes(store: Storage) -> bytes:
+    """``model_card.json``'s bytes; a missing folder, URI or card, or an unreachable bucket, is one line."""
+    make = f"make one with `fer-ray export RESULTS --ensemble NAME --out {store.uri}`"
+    if store.is_local and not Path(store.root).is_dir():
+        raise BundleError(f"{store.uri}: no such bundle folder ({make})")
+    where = store.uri_of(CARD)
+    try:
+        return store.read_bytes(CARD)
+    except StorageError:  # no card: say whether anything is there at all
+        pass
+    except OSError as e:  # a local file that cannot be read, or a bucket that cannot be reached
+        what = f"{where}: unreadable model card" if store.is_local else \
+            f"{store.uri}: cannot read the bundle's location"
+        raise BundleError(f"{what} ({error_line(e)})") from None
+    try:
+        empty, bucket = store.is_empty(), missing_bucket(store)
+    except OSError as e:
+        raise BundleError(f"{store.uri}: cannot read the bundle's location ({error_line(e)})") from None
+    if bucket:
+        raise BundleError(f"{store.uri}: no bundle at this location: there is no bucket {bucket!r}")
+    if empty:
+        raise BundleError(f"{store.uri}: no bundle at this location ({make})")
+    raise BundleError(f"{where}: missing; {store.uri} is not a fer_ray bundle (`fer-ray export` writes one)")
+
+
+def check_card(card: object, where: str) -> dict:
+    """``card`` (the parsed ``model_card.json`` at ``where``) checked for its format, classes and graph entry."""
     if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
         got = card.get("format") if isinstance(card, dict) else type(card).__name__
-        raise BundleError(f"{path}: format {got!r}, expected {BUNDLE_FORMAT!r}; export the bundle again")
+        raise BundleError(f"{where}: format {got!r}, expected {BUNDLE_FORMAT!r}; export the bundle again")
     graph = card.get("graph") or {}
     if graph.get("format") not in GRAPH_FILES or not graph.get("file") or not graph.get("sha256"):
-        raise BundleError(f"{path}: its 'graph' entry needs format (one of {', '.join(GRAPH_FILES)}), file and "
+        raise BundleError(f"{where}: its 'graph' entry needs format (one of {', '.join(GRAPH_FILES)}), file and "
                           "sha256; export the bundle again")
     if list(card.get("classes", [])) != list(CLASSES):
-        raise BundleError(f"{path}: classes {card.get('classes')} are not fer_ray's {list(CLASSES)}")
+        raise BundleError(f"{where}: classes {card.get('classes')} are not fer_ray's {list(CLASSES)}")
     return card
 
 
-def load_bundle(root: str | Path, threads: int | None = None, device: str = "cpu") -> Bundle:
-    """Open the bundle at ``root``: check the card and the graph's sha256, then load the graph.
+def _card_of(store: Storage) -> dict:
+    where = store.uri_of(CARD)
+    try:
+        card = json.loads(_read_card_bytes(store))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{where}: unreadable model card ({type(e).__name__}: {e}); export the bundle again"
+                          ) from None
+    return check_card(card, where)
+
+
+def read_card(location: str | Path) -> dict:
+    """The model card of the bundle at ``location`` (a folder or URI), checked for its format, classes and graph
+    entry."""
+    return _card_of(open_storage(location))
+
+
+def load_bundle(location: str | Path, threads: int | None = None, device: str = "cpu") -> Bundle:
+    """Open the bundle at ``location``: read the card and the graph, check the graph's sha256, load it from the
+    bytes read (nothing is written locally).
 
     Args:
-        root: The bundle folder (``fer-ray export --out``).
+        location: The bundle folder (``fer-ray export --out``) or its URI (``s3://bucket/prefix?...``: anything
+            ``fer_ray.storage`` reads, with the credentials of this environment).
         threads: Intra-op threads of the runtime (``None``: the runtime's default, all cores).
         device: ``cpu`` or ``cuda`` (ONNX Runtime's CUDA provider when installed, else CPU with a note).
 
     Raises:
-        BundleError: Missing folder or files, an unknown format, a graph whose sha256 differs from the card, or a
-            graph the runtime cannot load.
+        BundleError: A missing folder, URI or file, an unreachable bucket, an unknown format, a graph whose sha256
+            differs from the card, or a graph the runtime cannot load.
     """
-    root = Path(root)
-    card = read_card(root)
-    path = root / card["graph"]["file"]
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (the model card names it); export the bundle again")
-    if sha256_file(path) != card["graph"]["sha256"]:
-        raise BundleError(f"{path}: sha256 differs from {CARD}; the graph was modified or truncated, refusing it")
-    return open_graph(path, card, threads, device)
-
-
-def open_graph(path: Path, card: dict, threads: int | None = None, device: str = "cpu") -> Bundle:
-    """The ``Bundle`` running the graph file at ``path`` as ``card`` describes it (no sha256 check: the exporter's
-    own check before the card is written; ``load_bundle`` for everything else)."""
-    fmt = card["graph"]["format"]
+    store = open_storage(location)
+    card = _card_of(store)
+    rel = card["graph"]["file"]
+    where = store.uri_of(rel)
     try:
-        run, device = (_onnx_runner if fmt == "onnx" else _torchscript_runner)(path, threads, device)
+        data = store.read_bytes(rel)
+    except StorageError:
+        raise BundleError(f"{where}: missing (the model card names it); export the bundle again") from None
+    except OSError as e:
+        raise BundleError(f"{where}: unreadable graph ({error_line(e)})") from None
+    if sha256_bytes(data) != card["graph"]["sha256"]:
+        raise BundleError(f"{where}: sha256 differs from {CARD}; the graph was modified or truncated, refusing it")
+    return open_graph(data, card, threads, device, location=store.uri)
+
+
+def open_graph(graph: Path | bytes, card: dict, threads: int | None = None, device: str = "cpu",
+               location: str | Path | None = None) -> Bundle:
+    """The ``Bundle`` running the graph (a file, or its bytes) as ``card`` describes it (no sha256 check: the
+    exporter's own check before the card is written; ``load_bundle`` for everything else). ``location``: the
+    bundle's folder or URI (default, and required for bytes: the graph file's folder)."""
+    fmt = card["graph"]["format"]
+    location = normalize(location if location is not None else Path(graph).parent)
+    where = str(graph) if isinstance(graph, Path) else join_uri(location, card["graph"]["file"])
+    try:
+        run, device = (_onnx_runner if fmt == "onnx" else _torchscript_runner)(graph, threads, device, where)
     except Exception as e:  # noqa: BLE001 - the runtimes raise many types for a bad graph
-        text = str(e).strip()
-        raise BundleError(f"{path}: the {fmt} runtime cannot load it ({type(e).__name__}: "
-                          f"{text.splitlines()[0][:300] if text else ''})") from None
-    return Bundle(path.parent, card, run, device)
+        raise BundleError(f"{where}: the {fmt} runtime cannot load it ({error_line(e)})") from None
+    return Bundle(location, card, run, device)
 
 
-def _onnx_runner(path: Path, threads: int | None, device: str) -> tuple[Runner, str]:
+def _onnx_runner(graph: Path | bytes, threads: int | None, device: str, where: str) -> tuple[Runner, str]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -161,10 +239,10 @@ def _onnx_runner(path: Path, threads: int | None, device: str) -> tuple[Runner, 
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         else:
-            print(f"[bundle] {path}: onnxruntime has no CUDA provider here (install onnxruntime-gpu); running on CPU",
+            print(f"[bundle] {where}: onnxruntime has no CUDA provider here (install onnxruntime-gpu); running on CPU",
                   flush=True)
             device = "cpu"
-    session = ort.InferenceSession(str(path), opts, providers=providers)
+    session = ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts, providers=providers)
 
     def run(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, logits = session.run(list(OUTPUT_NAMES), {INPUT_NAME: faces})
@@ -173,7 +251,7 @@ def _onnx_runner(path: Path, threads: int | None, device: str) -> tuple[Runner, 
     return run, device
 
 
-def _torchscript_runner(path: Path, threads: int | None, device: str) -> tuple[Runner, str]:
+def _torchscript_runner(graph: Path | bytes, threads: int | None, device: str, where: str) -> tuple[Runner, str]:
     import warnings
 
     import torch
@@ -184,7 +262,8 @@ def _torchscript_runner(path: Path, threads: int | None, device: str) -> tuple[R
         device = "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-        module = torch.jit.load(str(path), map_location=device).eval()
+        module = torch.jit.load(str(graph) if isinstance(graph, Path) else io.BytesIO(graph),
+                                map_location=device).eval()
 
     def run(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():

@@ -200,11 +200,12 @@ def cmd_report(args) -> None:
 
 def cmd_export(args) -> None:
     from fer_ray.export import export_bundle
+    from fer_ray.storage import join_uri
 
     t0 = time.perf_counter()
     card = export_bundle(args.results_dir, args.out, ensemble=args.ensemble, member=args.member, fmt=args.format)
     check = card["check"]
-    print(f"wrote {Path(args.out) / card['graph']['file']} ({card['graph']['bytes'] / 1e6:.1f} MB, {card['kind']} "
+    print(f"wrote {join_uri(args.out, card['graph']['file'])} ({card['graph']['bytes'] / 1e6:.1f} MB, {card['kind']} "
           f"{card['name']}: {len(card['members'])} member(s) × {len(card['views'])} view(s), "
           f"{card['cost']['gmacs_per_image']:.4g} GMACs per face) + model_card.json + README.md "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -394,10 +395,11 @@ COMMANDS: dict[str, tuple] = {
         arg("--member", help="or one member id (a trial; its stored TTA views averaged)"),
         arg("--format", default="onnx", choices=["onnx", "torchscript"],
             help="onnx (run with ONNX Runtime; default) or torchscript (run with torch)"),
-        arg("--out", required=True, help="bundle folder (new, empty, or an earlier bundle, replaced)")]),
+        arg("--out", required=True, help="bundle folder or URI (s3://bucket/prefix?endpoint_override=...): new, "
+                                         "empty, or an earlier bundle, replaced")]),
     "predict": (cmd_predict, "run a bundle on images, folders (recursive), a fer2013.csv or videos: one row per face "
                              "(source, frame, box, 7 probabilities, label, confidence, error)", [
-        arg("bundle", help="a folder written by `fer-ray export`"),
+        arg("bundle", help="a bundle written by `fer-ray export`: its folder or URI (s3://bucket/prefix?...)"),
         arg("inputs", nargs="+", metavar="INPUT", help="image files, folders, fer2013.csv files, video files"),
         arg("--faces", default="detect", choices=["detect", "whole"],
             help="detect: find faces with OpenCV's Haar cascade and crop them (default); whole: each image is a face"),
@@ -413,7 +415,8 @@ COMMANDS: dict[str, tuple] = {
         arg("--no-progress", action="store_true", help="no progress bar")]),
     "serve": (cmd_serve, "serve a bundle over HTTP with Ray Serve: POST /predict with an image (raw bytes, multipart "
                          "files, or JSON faces), JSON probabilities back; dynamic batching", [
-        arg("bundle", help="a folder written by `fer-ray export`"),
+        arg("bundle", help="a bundle written by `fer-ray export`: its folder or URI (s3://bucket/prefix?...; every "
+                           "replica reads it from there)"),
         arg("--port", type=int, default=8000), arg("--host", default="127.0.0.1",
                                                      help="address to bind (default 127.0.0.1: this machine only)"),
         arg("--replicas", type=int, default=1, help="model replicas (each asks for a GPU when the cluster has one)"),

@@ -16,8 +16,9 @@ of ONNX-exportable ops:
 ``export_bundle`` verifies every checkpoint against the sha256 the ensemble was fitted with, exports the graph
 (ONNX through ``torch.onnx.export``'s TorchScript-based exporter, ``dynamo=False``, dynamic batch axis, checked
 with ``onnx.checker``; or TorchScript), runs the exported file against the torch graph and against fer_ray's own
-eager path (``reference_outputs``: ``tta_logits`` per member, then ``apply_fitted``) on synthetic faces, and writes
-the bundle (``fer_ray.bundle``). A member or view that cannot be exported stops with one line naming it.
+eager path (``reference_outputs``: ``tta_logits`` per member, then ``apply_fitted``) on synthetic faces, and only
+then writes the bundle (``fer_ray.bundle``) through ``fer_ray.storage``: to a folder or a bucket URI, the model card
+last. A member or view that cannot be exported stops with one line naming it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from fer_ray import bundle
-from fer_ray.bundle import BundleError
+from fer_ray.bundle import BundleError, error_line
 from fer_ray.checkpoint import checkpoint_sha256, load_checkpoint, model_from_checkpoint
 from fer_ray.combiners import FittedCombiner
 from fer_ray.data.augment import Preprocess
@@ -47,6 +48,7 @@ from fer_ray.data.dataset import CLASSES, IMG_SIZE
 from fer_ray.ensemble import apply_fitted, stale_reason
 from fer_ray.experiment import Experiment, as_experiment
 from fer_ray.metrics import classification_metrics, softmax
+from fer_ray.storage import Storage, join_uri
 from fer_ray.store import load_store
 from fer_ray.tta import ViewStack, inference_model, parse_view, tta_logits
 
@@ -269,11 +271,6 @@ def _quiet_export(graph: nn.Module, fmt: str, opset: int) -> bytes:
     return buf.getvalue()
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
-
-
 def export_graph(graph: EnsembleGraph, plan: ExportPlan, models: list[nn.Module], fmt: str, opset: int) -> bytes:
     """Export ``graph``; on failure, find the member (alone, identity view) or view (alone, first member) that
     cannot be exported and stop with one line naming it."""
@@ -287,13 +284,13 @@ def export_graph(graph: EnsembleGraph, plan: ExportPlan, models: list[nn.Module]
             _quiet_export(EnsembleGraph([model], ["identity"], one), fmt, opset)
         except Exception as e:  # noqa: BLE001
             raise BundleError(f"member {m['id']} ({m['arch']} @ {m['img_size']}px) cannot be exported to {fmt}: "
-                              f"{_first_line(e)}") from None
+                              f"{error_line(e)}") from None
     for view in plan.views:
         try:
             _quiet_export(EnsembleGraph(models[:1], [view], one), fmt, opset)
         except Exception as e:  # noqa: BLE001
-            raise BundleError(f"view {view!r} cannot be exported to {fmt}: {_first_line(e)}") from None
-    raise BundleError(f"{plan.kind} {plan.name!r} cannot be exported to {fmt}: {_first_line(whole)}")
+            raise BundleError(f"view {view!r} cannot be exported to {fmt}: {error_line(e)}") from None
+    raise BundleError(f"{plan.kind} {plan.name!r} cannot be exported to {fmt}: {error_line(whole)}")
 
 
 def check_faces(n: int = CHECK_IMAGES, seed: int = 0) -> np.ndarray:
@@ -303,12 +300,13 @@ def check_faces(n: int = CHECK_IMAGES, seed: int = 0) -> np.ndarray:
     return generate(n, seed=seed).images
 
 
-def check_export(root: Path, card: dict, graph: EnsembleGraph, models: list[nn.Module], plan: ExportPlan) -> dict:
-    """Run the written bundle, the torch graph and fer_ray's eager path on ``check_faces``; a probability that
-    differs by more than ``CHECK_TOL`` stops the export. Returns the differences for the card."""
+def check_export(data: bytes, card: dict, graph: EnsembleGraph, models: list[nn.Module], plan: ExportPlan,
+                 where: str) -> dict:
+    """Run the exported graph file (its bytes, about to be written to ``where``), the torch graph and fer_ray's eager
+    path on ``check_faces``; a probability that differs by more than ``CHECK_TOL`` stops the export. Returns the
+    differences for the card."""
     faces = check_faces()
-    path = root / card["graph"]["file"]
-    probs, logits = bundle.open_graph(path, card).predict(faces)
+    probs, logits = bundle.open_graph(data, card, location=where).predict(faces)
     with torch.no_grad():
         g_probs, g_logits = (t.numpy() for t in graph(torch.from_numpy(faces)))
     r_probs, r_logits = reference_outputs(models, plan.views, plan.fitted, faces)
@@ -318,8 +316,9 @@ def check_export(root: Path, card: dict, graph: EnsembleGraph, models: list[nn.M
            "max_abs_diff_logits_vs_fer_ray": float(np.abs(logits - r_logits).max())}
     worst = max(out["max_abs_diff_probs_vs_torch_graph"], out["max_abs_diff_probs_vs_fer_ray"])
     if not worst <= CHECK_TOL:
-        raise BundleError(f"{path}: the exported graph's probabilities differ from fer_ray's by {worst:.3g} "
-                          f"(> {CHECK_TOL}) on {len(faces)} synthetic faces; not writing a bundle that disagrees")
+        raise BundleError(f"{join_uri(where, card['graph']['file'])}: the exported graph's probabilities differ "
+                          f"from fer_ray's by {worst:.3g} (> {CHECK_TOL}) on {len(faces)} synthetic faces; not "
+                          "writing a bundle that disagrees")
     return out
 
 
@@ -374,23 +373,33 @@ def model_card(exp: Experiment, plan: ExportPlan, fmt: str, opset: int) -> dict:
             "versions": _versions()}
 
 
-def _check_out(out: Path) -> None:
-    """``out`` may be new, empty, or an earlier bundle (replaced); anything else is refused. Nothing is created
-    before the export succeeds."""
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"--out {out}: is a file; give a folder for the bundle")
-    if out.is_dir() and any(out.iterdir()) and not (out / bundle.CARD).is_file():
-        raise BundleError(f"--out {out}: not empty and not a fer_ray bundle (no {bundle.CARD}); choose a new or empty "
-                          "folder")
+def check_out(out: str | Path) -> Storage:
+    """The bundle's location ``out`` (a folder or URI), which may be new, empty, or an earlier bundle (replaced);
+    anything else, a missing bucket or an unreachable one, is refused before any work. Nothing is created here."""
+    store = bundle.open_storage(out)
+    try:
+        bucket = bundle.missing_bucket(store)
+        if bucket:
+            raise BundleError(f"--out {store.uri}: no bucket {bucket!r} there (create it first)")
+        if store.is_file(""):
+            raise BundleError(f"--out {store.uri}: is a file; give a folder or URI for the bundle")
+        if not store.is_empty() and not store.is_file(bundle.CARD):
+            raise BundleError(f"--out {store.uri}: not empty and not a fer_ray bundle (no {bundle.CARD}); choose a "
+                              "new or empty folder")
+    except OSError as e:
+        raise BundleError(f"--out {store.uri}: cannot read the location ({error_line(e)})") from None
+    return store
 
 
 def export_bundle(results: Experiment | str, out: str | Path, ensemble: str | None = None, member: str | None = None,
                   fmt: str = "onnx", opset: int = OPSET) -> dict:
-    """Export ensemble ``ensemble`` (or member ``member``) of an experiment as a bundle folder ``out``.
+    """Export ensemble ``ensemble`` (or member ``member``) of an experiment as a bundle at ``out`` (folder or URI).
 
     Args:
         results: The experiment (a path or URI).
-        out: The bundle folder (new, empty, or an earlier bundle, which is replaced).
+        out: The bundle folder or URI (``s3://bucket/prefix?...``: anything ``fer_ray.storage`` writes): new,
+            empty, or an earlier bundle, which is replaced. The graph is written first and the model card last, so
+            a reader never finds a card whose graph is not there yet.
         ensemble: A built ensemble's name (``ensembles/<name>.json``); or
         member: a member id (a trial, a library checkpoint or a distilled student), its stored TTA views averaged.
         fmt: ``onnx`` (run with ONNX Runtime) or ``torchscript`` (run with torch).
@@ -408,25 +417,21 @@ def export_bundle(results: Experiment | str, out: str | Path, ensemble: str | No
         raise BundleError("export: give exactly one of --ensemble NAME or --member ID")
     if fmt not in FORMATS:
         raise BundleError(f"--format: one of {', '.join(FORMATS)}, got {fmt!r}")
-    exp, out = as_experiment(results), Path(out)
-    _check_out(out)
+    exp = as_experiment(results)
+    store = check_out(out)
     plan = plan_ensemble(exp, ensemble) if ensemble is not None else plan_member(exp, member)
     models = load_models(plan)
     graph = EnsembleGraph(models, plan.views, plan.fitted).eval()
     data = export_graph(graph, plan, models, fmt, opset)
     card = model_card(exp, plan, fmt, opset)
-    from fer_ray.atomic import atomic_write_bytes, atomic_write_text
-
-    path = out / card["graph"]["file"]
-    atomic_write_bytes(path, lambda f: f.write(data))
-    card["graph"].update(sha256=bundle.sha256_file(path), bytes=path.stat().st_size)
+    card["graph"].update(sha256=bundle.sha256_bytes(data), bytes=len(data))
+    card["check"] = check_export(data, card, graph, models, plan, store.uri)  # before anything is written
     try:
-        card["check"] = check_export(out, card, graph, models, plan)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    for other in set(bundle.GRAPH_FILES.values()) - {path.name}:
-        (out / other).unlink(missing_ok=True)  # an earlier bundle's graph in the other format
-    atomic_write_text(out / bundle.CARD, json.dumps(card, indent=1))
-    atomic_write_text(out / bundle.README, bundle.render_readme(card))
+        store.write_bytes(card["graph"]["file"], data)
+        for other in set(bundle.GRAPH_FILES.values()) - {card["graph"]["file"]}:
+            store.delete(other)  # an earlier bundle's graph in the other format
+        store.write_text(bundle.README, bundle.render_readme(card))
+        store.write_text(bundle.CARD, json.dumps(card, indent=1))  # last: the card makes the bundle
+    except OSError as e:
+        raise BundleError(f"--out {store.uri}: writing the bundle failed ({error_line(e)})") from None
     return card

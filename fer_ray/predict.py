@@ -1,4 +1,5 @@
-"""``fer-ray predict``: run a bundle (``fer_ray.bundle``) on photos, folders, a ``fer2013.csv`` or a video.
+"""``fer-ray predict``: run a bundle (``fer_ray.bundle``: a folder or a bucket URI) on photos, folders, a
+``fer2013.csv`` or a video.
 
 This module owns turning inputs into 48x48 grayscale faces and faces into rows:
 
@@ -410,15 +411,16 @@ def summarize(df: pd.DataFrame, seconds: float | None = None) -> list[str]:
     return lines
 
 
-def run_cli(bundle_dir: str, inputs: list[str], out: str | None, threads: int | None = None, **kw) -> pd.DataFrame:
-    """``fer-ray predict``: load, run, write (``out``, or CSV on stdout) and summarise."""
+def run_cli(bundle: str, inputs: list[str], out: str | None, threads: int | None = None, **kw) -> pd.DataFrame:
+    """``fer-ray predict``: load the bundle (its folder or URI: ``fer_ray.bundle.load_bundle``), run, write (``out``,
+    or CSV on stdout) and summarise."""
     from fer_ray.bundle import load_bundle
 
     if out:
         check_out(out)
-    bundle = load_bundle(bundle_dir, threads=threads)
+    loaded = load_bundle(bundle, threads=threads)
     t0 = time.perf_counter()
-    df = predict(bundle, inputs, **kw)
+    df = predict(loaded, inputs, **kw)
     seconds = time.perf_counter() - t0
     stream = sys.stderr if out is None else sys.stdout
     if out is None:

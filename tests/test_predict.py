@@ -1,6 +1,7 @@
 """``fer-ray predict`` on generated inputs: synthetic faces pasted into larger photo-like pictures (found by OpenCV's
 Haar cascade), a blank picture ("no face found"), unreadable files, empty folders, a video, a fer2013.csv, and
-labelled folders in the flat ``<class>/`` layout with a class map (also read by ``fer-ray evaluate``)."""
+labelled folders in the flat ``<class>/`` layout with a class map (also read by ``fer-ray evaluate``); and a bundle
+exported into an S3 bucket (moto's server on 127.0.0.1) and run from its URI."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fer_ray.data.ingest import load_dataset, parse_class_map
 from fer_ray.data.ingest.folders import decode_image
 from fer_ray.export import export_bundle
 from fer_ray.predict import PROB_COLUMNS, FaceDetector, predict
+from fer_ray.testing import free_port
 
 SCALE, AT = 4, (220, 120)
 """Faces are pasted 4x enlarged (192 px) at (x, y) = AT into 640x480 pictures."""
@@ -202,3 +204,47 @@ def test_evaluate_scores_a_flat_folder_with_a_class_map(bundle_dir, tmp_path, ra
     assert json.loads((exp / "split_roles.json").read_text())["ext_ck_plus"] == "report"
     html = (exp / "report" / "report.html").read_text()
     assert "Best entry on ext_ck_plus (external dataset): confusion and per-class recall" in html
+
+
+def test_export_and_predict_through_a_bucket_uri(bundle_dir, s3_server, tmp_path, capsys):
+    """``fer-ray export --out s3://...`` (moto's S3 server on 127.0.0.1) writes the bundle into the bucket, and
+    ``fer-ray predict`` from its URI gives the rows the folder gives; a prefix with nothing there, a missing bucket,
+    an unreachable endpoint and a modified graph are one line naming the URI, and export refuses a prefix that holds
+    something else and a missing bucket before any work."""
+    from fer_ray.storage import Storage, join_uri
+
+    exp, uri = bundle_dir.parent / "exp", join_uri(s3_server, "bundles", "m0")
+    assert main(["export", str(exp), "--member", "m0", "--out", uri]) == 0
+    assert f"wrote {join_uri(uri, 'model.onnx')}" in capsys.readouterr().out
+    bucket = Storage(uri)
+    assert bucket.files() == ["README.md", "model.onnx", "model_card.json"]
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for k, im in enumerate(synthetic.generate(12, seed=4).images):
+        Image.fromarray(np.kron(im, np.ones((2, 2), np.uint8))).save(faces / f"{k:02d}.png")
+    for src, name in ((str(bundle_dir), "folder.csv"), (uri, "bucket.csv")):
+        assert main(["predict", src, str(faces), "--faces", "whole", "--out", str(tmp_path / name)]) == 0
+    folder, from_bucket = pd.read_csv(tmp_path / "folder.csv"), pd.read_csv(tmp_path / "bucket.csv")
+    assert len(from_bucket) == 12 and from_bucket.error.isna().all()
+    assert list(from_bucket.label) == list(folder.label) and list(from_bucket.source) == list(folder.source)
+    np.testing.assert_allclose(from_bucket[PROB_COLUMNS].to_numpy(float), folder[PROB_COLUMNS].to_numpy(float),
+                               atol=1e-6)
+    assert load_bundle(uri).location == uri
+
+    query = s3_server.partition("?")[2]
+    closed = f"s3://fer-test/b?region=us-east-1&endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    tampered = join_uri(s3_server, "bundles", "tampered")
+    for rel in bucket.files():
+        data = bucket.read_bytes(rel)
+        Storage(tampered).write_bytes(rel, data[:-10] if rel == "model.onnx" else data)
+    for bad, why in ((join_uri(s3_server, "bundles", "nothing"), "no bundle at this location"),
+                     (f"s3://no-such-bucket/m0?{query}", "there is no bucket 'no-such-bucket'"),
+                     (closed, "cannot read the bundle's location"),
+                     (tampered, "sha256 differs")):
+        assert main(["predict", bad, str(faces)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and bad.partition("?")[0] in err and "\n" not in err, err
+    assert main(["export", str(exp), "--member", "m0", "--out", join_uri(s3_server, "bundles")]) == 2
+    assert "not empty and not a fer_ray bundle" in capsys.readouterr().err
+    assert main(["export", str(exp), "--member", "m0", "--out", f"s3://no-such-bucket/m0?{query}"]) == 2
+    assert "no bucket 'no-such-bucket'" in capsys.readouterr().err
