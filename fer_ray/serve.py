@@ -17,8 +17,10 @@ Requests are scored through ``@serve.batch`` (dynamic batching: faces from concu
 pass, up to ``max_batch_size`` faces or ``batch_wait_ms``), or one request at a time with ``batching=False``. Ray is
 started with ``fer_ray.cluster.init_ray``; replicas ask for a GPU when the cluster has one (ONNX Runtime's CUDA
 provider, or torch for TorchScript bundles). The HTTP proxy listens on the head node only, on ``127.0.0.1``
-unless ``host`` says otherwise. Every replica loads the bundle from its path, so on a multi-node cluster the
-bundle folder must be readable at the same path on every node (a shared folder), like ``--out`` results.
+unless ``host`` says otherwise. Every replica loads the bundle itself from its location: a bucket URI
+(``s3://bucket/prefix?...``, read through ``fer_ray.storage`` with the driver's storage credentials, which travel in
+the replicas' runtime_env), so replicas on worker nodes need no shared disk; or a folder, which on a multi-node
+cluster must then be readable at the same path on every node.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ray import serve
 from fer_ray.bundle import Bundle, load_bundle
 from fer_ray.data.dataset import CLASSES, IMG_SIZE, DataError
 from fer_ray.predict import FACE_MODES, Face, FaceDetector, image_faces
+from fer_ray.storage import is_uri
 
 APP_NAME = "fer_ray"
 MAX_ONGOING = 64
@@ -100,12 +103,12 @@ def result_json(face: Face, probs: np.ndarray | None) -> dict:
 class FERService:
     """One replica: the bundle loaded once, faces scored with or without dynamic batching."""
 
-    def __init__(self, bundle_dir: str, threads: int | None, max_batch_size: int, batch_wait_s: float,
+    def __init__(self, bundle: str, threads: int | None, max_batch_size: int, batch_wait_s: float,
                  batching: bool) -> None:
         import ray
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.bundle: Bundle = load_bundle(bundle_dir, threads=threads, device=device)
+        self.bundle: Bundle = load_bundle(bundle, threads=threads, device=device)
         self.batching = batching
         self.detector: FaceDetector | None = None
         self.score_batch.set_max_batch_size(max_batch_size)
@@ -131,7 +134,8 @@ class FERService:
         path = (path[len(root):] if root and path.startswith(root) else path).rstrip("/")
         if request.method == "GET" and path in ("", "/health"):
             card = self.bundle.card
-            return {"model": self.bundle.name, "kind": card.get("kind"), "classes": self.bundle.classes,
+            return {"model": self.bundle.name, "bundle": self.bundle.location, "kind": card.get("kind"),
+                    "classes": self.bundle.classes,
                     "views": card.get("views"), "metrics": card.get("metrics"), "device": self.bundle.device,
                     "batching": self.batching, "predict": "POST /predict"}
         if path != "/predict" or request.method != "POST":
@@ -160,13 +164,28 @@ def _replica_resources(replicas: int, cpus: float | None = None) -> dict[str, fl
     return {"num_cpus": cpus, "num_gpus": gpus}
 
 
-def start(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+def _replica_options(location: str, replicas: int, cpus: float | None) -> dict:
+    """The replicas' ``ray_actor_options``: their resources and, for a bundle at a URI, this environment's storage
+    credentials (``fer_ray.cluster.storage_env``: a joined cluster's job may not carry them, and Ray forwards no
+    driver environment), so each replica reads the bundle from the bucket itself."""
+    from fer_ray.cluster import storage_env
+
+    options: dict = _replica_resources(replicas, cpus)
+    env = storage_env() if is_uri(location) else {}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
+def start(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
           num_cpus: int | None = None, max_batch_size: int = 32, batch_wait_ms: float = 5.0, batching: bool = True,
           threads: int | None = None, cpus_per_replica: float | None = None, name: str = APP_NAME,
           route_prefix: str = "/") -> str:
-    """Deploy ``bundle_dir`` on Ray Serve (Ray started or joined with ``init_ray``); returns the app's base URL.
+    """Deploy the bundle at ``bundle`` (a folder or URI) on Ray Serve (Ray started or joined with ``init_ray``);
+    returns the app's base URL.
 
-    The bundle is opened here first, so a bad one stops with one line before Ray starts. ``num_cpus``: CPUs of a
+    The bundle is opened here first, so a bad one (a missing folder or URI, an unreachable bucket, a modified graph)
+    stops with one line before Ray starts; each replica then loads it from the same location. ``num_cpus``: CPUs of a
     local Ray this starts. ``threads``: runtime threads per replica (default: the replica's CPUs). Calling it again
     with the same ``name`` redeploys in place; another ``name`` and ``route_prefix`` serve a second bundle (or the
     same one, configured otherwise) beside the first.
@@ -179,17 +198,16 @@ def start(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, rep
     if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0 or not 0 <= port < 65536:
         raise ConfigError(f"serve: --replicas and --max-batch-size must be >= 1, --batch-wait-ms >= 0 and --port a "
                           f"port number; got {replicas}, {max_batch_size}, {batch_wait_ms}, {port}")
-    bundle_dir = str(Path(bundle_dir).resolve())
-    load_bundle(bundle_dir)
+    location = load_bundle(bundle).location  # an absolute path, or the URI
     init_ray(num_cpus=num_cpus)
-    res = _replica_resources(replicas, cpus_per_replica)
+    res = _replica_options(location, replicas, cpus_per_replica)
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     app = FERService.options(num_replicas=replicas, ray_actor_options=res).bind(
-        bundle_dir, threads or max(1, int(res["num_cpus"])), max_batch_size, batch_wait_ms / 1000.0, batching)
+        location, threads or max(1, int(res["num_cpus"])), max_batch_size, batch_wait_ms / 1000.0, batching)
     serve.run(app, name=name, route_prefix=route_prefix)
     batch = f"up to {max_batch_size} faces / {batch_wait_ms:g} ms" if batching else "off"
     gpu = " + 1 GPU" if res["num_gpus"] else ""
-    print(f"[serve] {bundle_dir}: {replicas} replica(s) × {res['num_cpus']:g} CPU{gpu}, dynamic batching {batch}; "
+    print(f"[serve] {location}: {replicas} replica(s) × {res['num_cpus']:g} CPU{gpu}, dynamic batching {batch}; "
           f"Ray {ray.__version__}", flush=True)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
@@ -203,7 +221,7 @@ def stop(name: str | None = None) -> None:
         serve.shutdown()
 
 
-def serve_forever(bundle_dir: str | Path, **kw) -> None:
+def serve_forever(bundle: str | Path, **kw) -> None:
     """``fer-ray serve``: ``start``, then wait until Ctrl-C or SIGTERM; then remove the app, and when this process
     started its own local Ray, Ray Serve and that Ray too (on a cluster, other Serve apps and Ray keep running)."""
     import signal
@@ -216,7 +234,7 @@ def serve_forever(bundle_dir: str | Path, **kw) -> None:
         raise KeyboardInterrupt
 
     try:
-        url = start(bundle_dir, **kw)
+        url = start(bundle, **kw)
         for sig in (signal.SIGTERM, signal.SIGINT):  # after Ray's start-up, which installs handlers of its own;
             signal.signal(sig, interrupt)  # SIGINT also when started in the background, where it is ignored
         print(f"[serve] POST {url}/predict  (an image as the body, multipart files, or JSON {{\"faces\": ...}}); "

@@ -1,6 +1,7 @@
 """``fer-ray serve``: the Ray Serve deployment answers real HTTP requests on 127.0.0.1 (an image as the body,
 multipart files, JSON faces; one at a time and 24 at once from threads) with the probabilities ``predict`` gives
-for the same images, refuses malformed requests with a 400, and shuts down."""
+for the same images, refuses malformed requests with a 400, and shuts down; a second app beside it, whose replica
+reads its bundle from an S3 bucket (moto's server on 127.0.0.1), answers as the folder's does."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def server(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("serve")
     exp = make_experiment(root / "exp", members=[("basic_cnn", 48, 1)], views=["identity", "hflip"], n=160)
     export_bundle(exp, root / "bundle", member="m0")
-    url = fer_serve.start(root / "bundle", port=free_port(), max_batch_size=8, batch_wait_ms=10)
+    # One CPU per replica: test_serve_from_a_bucket_uri deploys a second app beside this one on the 2-CPU Ray.
+    url = fer_serve.start(root / "bundle", port=free_port(), max_batch_size=8, batch_wait_ms=10, cpus_per_replica=1)
     assert url.startswith("http://127.0.0.1:")
     yield url, root / "bundle", root
     fer_serve.stop()
@@ -110,3 +112,44 @@ def test_bad_requests_are_400s(server):
     with urllib.request.urlopen(url + "/", timeout=30) as r:
         info = json.loads(r.read())
     assert info["model"] == "m0" and info["batching"] is True
+
+
+def test_serve_from_a_bucket_uri(server, s3_server):
+    """The bundle exported into a bucket, served by URI as a second app: the replica loads it from the bucket itself
+    (the storage credentials travel in its runtime_env, whether or not the session's Ray was started with them) and
+    answers a real POST as the folder's app does; a URI with no bundle stops with one line before anything is
+    deployed."""
+    from fer_ray import serve as fer_serve
+    from fer_ray.bundle import BundleError
+    from fer_ray.export import export_bundle
+    from fer_ray.storage import join_uri
+
+    url, _, root = server
+    port = int(url.rsplit(":", 1)[1])
+    missing = join_uri(s3_server, "serve", "nothing")
+    with pytest.raises(BundleError, match="no bundle at this location") as e:
+        fer_serve.start(missing, port=port, name="fer_ray_missing", route_prefix="/missing")
+    assert missing in str(e.value) and "\n" not in str(e.value)
+    uri = join_uri(s3_server, "serve", "m0")
+    export_bundle(root / "exp", uri, member="m0")
+    s3_url = fer_serve.start(uri, port=port, name="fer_ray_s3", route_prefix="/s3", cpus_per_replica=1)
+    try:
+        assert s3_url == url + "/s3"
+        with urllib.request.urlopen(s3_url + "/", timeout=30) as r:
+            assert json.loads(r.read())["bundle"] == uri  # what the replica loaded
+        image = png(synthetic.generate(1, seed=11).images[0], scale=2)
+        code, from_bucket = post(s3_url + "/predict", image, "image/png")
+        code_folder, from_folder = post(url + "/predict", image, "image/png")
+        assert code == code_folder == 200
+        np.testing.assert_allclose(list(from_bucket["results"][0]["probs"].values()),
+                                   list(from_folder["results"][0]["probs"].values()), atol=1e-6)
+        assert from_bucket["results"][0]["label"] == from_folder["results"][0]["label"]
+        assert "fer_ray_missing" not in serve_apps()
+    finally:
+        fer_serve.stop("fer_ray_s3")
+
+
+def serve_apps() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications)
