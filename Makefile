@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fer-ray demo --out results/demo
 
+# Two pytest workers (pytest-xdist), each with its own session Ray: the suite waits on Ray start-ups, process spawns
+# and polls more than it computes. One module is one unit of work, long ones first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25
 
 # The inner loop: every test that starts no Ray and no child process (markers set in tests/conftest.py).
 test-fast: $(STAMP)

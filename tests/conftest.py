@@ -5,9 +5,13 @@ and markers the suite runs in.
   drivers (``fer-ray sweep`` as a user runs it) join it through ``RAY_ADDRESS`` (``session_env``) instead of
   starting a Ray of their own: one Ray per host, as in ``ray job submit``.
 - ``no_session_ray`` (per module): for the few tests that must build their own Ray cluster
-  (``ray.cluster_utils.Cluster``, the autoscaler): it stops the session's Ray, since with two Ray instances on one
-  host Ray Train's placement-group cleaner cannot tell which is its own. Those tests run last
-  (``pytest_collection_modifyitems``), so the session's Ray is started again only when a later test needs it.
+  (``ray.cluster_utils.Cluster``, the autoscaler, per-GPU-type nodes): it stops the session's Ray if it runs. Those
+  modules run first, before any test has started the session's Ray, so nothing is stopped and started again.
+- Order (``pytest_collection_modifyitems``, by module, modules kept whole): own-cluster modules, the ``LONG`` ones,
+  other modules with a Ray or subprocess test, then the rest. Under ``pytest -n 2 --dist loadgroup
+  --no-loadscope-reorder`` (``make test``) each module is one unit of work for one worker, handed out in that
+  order, so the long units start first and the short ones fill the gaps; each worker has its own session Ray.
+  Modules in ``SPREAD`` (independent tests, no module fixtures) are handed out test by test.
 - Markers: ``ray`` (starts or joins Ray), set here from the fixtures a test uses, and ``subprocess`` (runs a
   command in a child process), set by the test; ``make test-fast`` deselects both.
 """
@@ -23,16 +27,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries when offline
 RAY_FIXTURES = {"ray_session", "session_env", "no_session_ray"}
 """Fixtures that start or join Ray: their tests get the ``ray`` marker."""
 OWN_RAY_FIXTURES = {"no_session_ray"}
-"""Fixtures of tests that stop the session's Ray for one of their own: those tests run last."""
+"""Fixtures of tests that stop the session's Ray for one of their own: those modules run first."""
 _ITEMS: list = []
 
 
+LONG = ("test_s3.py", "test_gpu_check.py", "test_fault_tolerance.py", "test_pipeline.py")
+"""The longest modules (``make test``'s ``--durations``), handed out first among the Ray ones so that none of them
+is the last unit of a run."""
+SPREAD = {"test_bench_smoke.py"}
+"""Modules whose tests are independent subprocess runs: under xdist each test is its own unit of work."""
+
+
 def pytest_collection_modifyitems(config, items):
+    rank: dict = {}
     for item in items:
-        if RAY_FIXTURES & set(item.fixturenames):
+        names = set(item.fixturenames)
+        if RAY_FIXTURES & names:
             item.add_marker(pytest.mark.ray)
-    # Stable sort: the tests that stop the session's Ray go after every test that uses it.
-    items.sort(key=lambda item: bool(OWN_RAY_FIXTURES & set(item.fixturenames)))
+        module = item.getparent(pytest.Module)
+        if module.path.name not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(module.nodeid))
+        heavy = 0 if OWN_RAY_FIXTURES & names else 1 if (RAY_FIXTURES & names or item.get_closest_marker(
+            "subprocess")) else 2
+        if heavy == 1 and module.path.name in LONG:
+            heavy = 0.5 + LONG.index(module.path.name) / 10
+        rank[module] = min(rank.get(module, 2), heavy)
+    items.sort(key=lambda item: rank[item.getparent(pytest.Module)])  # stable: modules stay whole and in order
     _ITEMS[:] = items
 
 
