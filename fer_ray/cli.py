@@ -5,15 +5,18 @@ one); ``train`` runs one Ray Train job; ``tta``, ``ensemble`` and ``report`` re-
 existing experiment folder; ``evaluate`` scores it on another dataset; ``distill`` trains a student of one of
 its ensembles; ``export`` writes an ensemble or member as a self-contained ONNX/TorchScript bundle, which
 ``predict`` runs on images, folders, CSVs and videos and ``serve`` serves over HTTP (Ray Serve); ``models``/``flops``
-inspect the registry; ``data`` writes or summarises data.
+inspect the registry; ``nodes`` prints the local Ray node plan of this box's GPUs; ``data`` writes or summarises data.
 Every ``RESULTS`` argument and ``--out`` take a local path or a storage URI (``s3://bucket/prefix?...``, ``gs://``:
-``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field.
+``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field. A command that writes an
+experiment holds its lease (``fer_ray.lease``) while it runs: a second writer of the same experiment is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +26,8 @@ import yaml
 from fer_ray.checkpoint import CheckpointError
 from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
 from fer_ray.data import DataError
-from fer_ray.experiment import Experiment
+from fer_ray.experiment import SWEEP, Experiment
+from fer_ray.lease import LEASE, Lease
 from fer_ray.names import FORMATS
 from fer_ray.storage import StorageError
 from fer_ray.store import StoreError
@@ -66,30 +70,45 @@ def cmd_sweep(args) -> None:
     from fer_ray.pipeline import run_all
 
     if args.resume:
-        exp = Experiment(args.resume)
+        exp = _leased(args, Experiment(args.resume))
         cfg = exp.sweep()
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
         check_model_names(cfg)
-        exp = _new_experiment(args.out, cfg.name, args.overwrite)
+        exp = _new_experiment(args, cfg.name)
     run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only,
             verbose=args.verbose)
 
 
-def _new_experiment(out: str, name: str, overwrite: bool) -> Experiment:
-    """The experiment ``name`` under ``out``. A folder there already is refused unless fer_ray created it and
-    ``overwrite`` is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder
-    fer_ray did not create is never touched."""
+def _leased(args, exp: Experiment, lease: Lease | None = None) -> Experiment:
+    """``exp``, with its lease (``fer_ray.lease``) taken for this command until ``main`` returns: the one place a
+    command that writes an experiment opens it. An existing experiment must hold a ``sweep.yaml`` (checked first,
+    so a wrong path is one line and leaves nothing behind)."""
+    if lease is None:
+        exp.require(SWEEP)
+        lease = Lease(exp, command=f"fer-ray {args.cmd}")
+    args.held.enter_context(lease)
+    return exp
+
+
+def _new_experiment(args, name: str) -> Experiment:
+    """The experiment ``name`` under ``args.out``, leased to this command. One that another live command writes is
+    refused (nothing touched); a folder there already is refused unless fer_ray created it and ``args.overwrite``
+    is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder fer_ray did not
+    create is never touched."""
+    out = args.out
     exp = Experiment.under(out, name)
-    if exp.is_empty():
-        return exp
+    lease = Lease(exp, command=f"fer-ray {args.cmd}")
+    lease.check()  # a live writer: refused before anything is looked at or removed
+    if exp.is_empty() or (exp.files() == [LEASE] and not exp.dirs()):  # nothing, or a dead driver's lease only
+        return _leased(args, exp, lease)
     if not exp.owns():
         exp.remove(within=out)  # refuses with one line: not created by fer_ray
-    if not overwrite:
+    if not args.overwrite:
         raise ConfigError(f"{exp.uri} already holds an experiment: continue it with --resume {exp.uri}, choose "
                           f"another --name or --out, or replace it with --overwrite")
     exp.remove(within=out)
-    return exp
+    return _leased(args, exp, lease)
 
 
 def cmd_demo(args) -> None:
@@ -115,7 +134,7 @@ def cmd_train(args) -> None:
     cfg = SweepConfig.from_dict({"name": args.name or time.strftime("train_%Y%m%d_%H%M%S"), "data": data,
                                  "train": train, "num_samples": 1, "asha": {"max_t": epochs, "grace_period": epochs},
                                  "placement": raw.get("placement", {})}, "train")
-    exp = _new_experiment(args.out, cfg.name, args.overwrite)
+    exp = _new_experiment(args, cfg.name)
     trials = run_sweep(cfg, exp, num_cpus=args.num_cpus, verbose=args.verbose)
     print(trials.drop(columns=["config"]).to_string(index=False))
 
@@ -123,7 +142,7 @@ def cmd_train(args) -> None:
 def cmd_tta(args) -> None:
     from fer_ray.pipeline import tta_stage
 
-    exp = Experiment(args.results_dir)
+    exp = _leased(args, Experiment(args.results_dir))
     paths = tta_stage(exp, args.views)
     print(f"{len(paths)} logit files under {exp.uri_of('logits')}")
 
@@ -132,7 +151,7 @@ def cmd_ensemble(args) -> None:
     from fer_ray.ensemble import EnsembleSpec, ProtocolError, budget_search, run_ensemble
     from fer_ray.pipeline import ensemble_stage
 
-    exp = Experiment(args.results_dir)
+    exp = _leased(args, Experiment(args.results_dir))
     try:
         if args.spec:
             spec_path = Path(args.spec)
@@ -157,14 +176,15 @@ def cmd_evaluate(args) -> None:
     from fer_ray.evaluate import evaluate_external
     from fer_ray.report import format_table
 
-    board = evaluate_external(args.results_dir, args.data, name=args.name, fmt=args.format, class_map=args.class_map)
+    exp = _leased(args, Experiment(args.results_dir))
+    board = evaluate_external(exp, args.data, name=args.name, fmt=args.format, class_map=args.class_map)
     print(format_table(board))
 
 
 def cmd_distill(args) -> None:
     from fer_ray.distill import distill
 
-    row = distill(args.results_dir, args.ensemble, args.student, epochs=args.epochs,
+    row = distill(_leased(args, Experiment(args.results_dir)), args.ensemble, args.student, epochs=args.epochs,
                   temperature=args.temperature, alpha=args.alpha, img_size=args.img_size, name=args.name,
                   num_workers=args.workers, batch_size=args.batch_size, lr=args.lr, num_cpus=args.num_cpus)
     print(row.to_string())
@@ -180,11 +200,12 @@ def cmd_report(args) -> None:
 
 def cmd_export(args) -> None:
     from fer_ray.export import export_bundle
+    from fer_ray.storage import join_uri
 
     t0 = time.perf_counter()
     card = export_bundle(args.results_dir, args.out, ensemble=args.ensemble, member=args.member, fmt=args.format)
     check = card["check"]
-    print(f"wrote {Path(args.out) / card['graph']['file']} ({card['graph']['bytes'] / 1e6:.1f} MB, {card['kind']} "
+    print(f"wrote {join_uri(args.out, card['graph']['file'])} ({card['graph']['bytes'] / 1e6:.1f} MB, {card['kind']} "
           f"{card['name']}: {len(card['members'])} member(s) × {len(card['views'])} view(s), "
           f"{card['cost']['gmacs_per_image']:.4g} GMACs per face) + model_card.json + README.md "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -225,6 +246,17 @@ def cmd_flops(args) -> None:
     from fer_ray.flops import model_profile
 
     print(json.dumps(model_profile(args.model, img_size=args.img_size), indent=1))
+
+
+def cmd_nodes(args) -> None:
+    from fer_ray import gpu, nodes
+
+    gpus = gpu.inventory()
+    for g in gpus:
+        print(f"GPU {g.index}: {g.name} ({g.accelerator_type}, compute capability {g.capability[0]}."
+              f"{g.capability[1]}, {g.memory_gb:g} GB){'' if g.supported else ', left out'}")
+    plan = nodes.plan_nodes(gpus, args.num_cpus or os.cpu_count() or 1)
+    print(nodes.format_plan(plan, host=args.host, port=args.port, python=sys.executable))
 
 
 def _data_quality(args) -> None:
@@ -363,10 +395,11 @@ COMMANDS: dict[str, tuple] = {
         arg("--member", help="or one member id (a trial; its stored TTA views averaged)"),
         arg("--format", default="onnx", choices=["onnx", "torchscript"],
             help="onnx (run with ONNX Runtime; default) or torchscript (run with torch)"),
-        arg("--out", required=True, help="bundle folder (new, empty, or an earlier bundle, replaced)")]),
+        arg("--out", required=True, help="bundle folder or URI (s3://bucket/prefix?endpoint_override=...): new, "
+                                         "empty, or an earlier bundle, replaced")]),
     "predict": (cmd_predict, "run a bundle on images, folders (recursive), a fer2013.csv or videos: one row per face "
                              "(source, frame, box, 7 probabilities, label, confidence, error)", [
-        arg("bundle", help="a folder written by `fer-ray export`"),
+        arg("bundle", help="a bundle written by `fer-ray export`: its folder or URI (s3://bucket/prefix?...)"),
         arg("inputs", nargs="+", metavar="INPUT", help="image files, folders, fer2013.csv files, video files"),
         arg("--faces", default="detect", choices=["detect", "whole"],
             help="detect: find faces with OpenCV's Haar cascade and crop them (default); whole: each image is a face"),
@@ -382,7 +415,8 @@ COMMANDS: dict[str, tuple] = {
         arg("--no-progress", action="store_true", help="no progress bar")]),
     "serve": (cmd_serve, "serve a bundle over HTTP with Ray Serve: POST /predict with an image (raw bytes, multipart "
                          "files, or JSON faces), JSON probabilities back; dynamic batching", [
-        arg("bundle", help="a folder written by `fer-ray export`"),
+        arg("bundle", help="a bundle written by `fer-ray export`: its folder or URI (s3://bucket/prefix?...; every "
+                           "replica reads it from there)"),
         arg("--port", type=int, default=8000), arg("--host", default="127.0.0.1",
                                                      help="address to bind (default 127.0.0.1: this machine only)"),
         arg("--replicas", type=int, default=1, help="model replicas (each asks for a GPU when the cluster has one)"),
@@ -391,6 +425,11 @@ COMMANDS: dict[str, tuple] = {
         arg("--no-batching", action="store_true", help="score each request on its own"), NUM_CPUS]),
     "models": (cmd_models, "list registered models", [arg("pattern", nargs="?", default="*")]),
     "flops": (cmd_flops, "params and GMACs (fvcore) of a model", [arg("model"), arg("--img-size", type=int)]),
+    "nodes": (cmd_nodes, "this box's GPUs and the Ray nodes a local run starts for them (one per GPU type; GPUs the "
+                         "installed torch cannot drive left out), with the equivalent `ray start` lines", [
+        arg("--num-cpus", type=int, help="CPUs to split between the nodes (default: all)"),
+        arg("--host", default="127.0.0.1", help="node IP for the `ray start` lines (default 127.0.0.1)"),
+        arg("--port", type=int, default=6379, help="the head's GCS port in the `ray start` lines (default 6379)")]),
     "data": (cmd_data, "write the synthetic set, or load, check or report on a dataset", {
         "synth": ("write a synthetic Kaggle-format fer2013.csv", [
             arg("--out", required=True), arg("--n", type=int, default=6000), arg("--seed", type=int, default=0)]),
@@ -430,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "sweep" and not (args.sweep or args.resume):
         build_parser().error("sweep: give a sweep file or --resume RESULTS_DIR")
     try:
-        args.func(args)
+        with contextlib.ExitStack() as args.held:  # the leases a writing command takes (_leased), released at its end
+            args.func(args)
     except (ConfigError, DataError, CheckpointError, StoreError, StorageError, yaml.YAMLError) as e:
         print(f"fer-ray: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ file names::
     distill/<name>/     a student's run: the same tune/, train/, trials/ layout, plus teacher_train.parquet
     report/             leaderboard.csv, leaderboard.md, report.html
     footprint/<trial_id>/<run_id>.json   what a running Train run holds on the cluster (``fer_ray.footprint``)
+    .fer_ray.lease      the writing command's lease: host, pid, heartbeat (``fer_ray.lease``)
 
 Each checkpoint folder holds one ``epoch_NNN.pt`` and its sha256 ``manifest.json`` (``fer_ray.checkpoint``); Ray's
 ``CheckpointConfig`` keeps each trial's best epoch (by ``val_acc``) and its latest. A *group* is the prefix of a

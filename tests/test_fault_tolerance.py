@@ -1,6 +1,7 @@
 """Faults lose no finished work: a worker killed mid-run resumes from its last epoch checkpoint (Ray Train
-FailureConfig, ``ray.train.get_checkpoint``), and an interrupted sweep driver resumes (Tune's restore) without
-re-running finished trials, ending with the same leaderboard as an uninterrupted run."""
+FailureConfig, ``ray.train.get_checkpoint``), and an interrupted sweep driver (SIGINT), then a lost one (SIGKILL: its
+lease left behind, taken over at once as its pid is dead), resume (Tune's restore) without re-running finished
+trials, ending with the same leaderboard as an uninterrupted run."""
 
 import json
 import signal
@@ -17,6 +18,7 @@ from fer_ray.config import TrainConfig
 from fer_ray.data import FERData, split_indices
 from fer_ray.data.synthetic import generate
 from fer_ray.experiment import Experiment
+from fer_ray.lease import LEASE
 from fer_ray.train import make_trainer
 
 pytestmark = pytest.mark.ray
@@ -45,6 +47,20 @@ def _sweep_cmd(*args):
     return [sys.executable, "-m", "fer_ray.cli", "sweep", *args, "--sweep-only"]
 
 
+def _kill_when(proc: subprocess.Popen, ready, sig: int, timeout_s: float = 240) -> None:
+    """Send ``sig`` to ``proc`` once ``ready()`` holds (or at the liveness deadline), and wait for it to end."""
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and not ready():
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a driver behind for the tests that follow
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.subprocess
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, session_env):
     cfg = tmp_path / "s.yaml"
@@ -68,17 +84,9 @@ asha: {{max_t: 4, grace_period: 4}}
         done = epochs_done()
         return 4 in done and any(1 <= d <= 2 for d in done)
 
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not interrupted_mid_trial():
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        assert interrupted_mid_trial(), epochs_done()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:  # never leave a driver behind for the tests that follow
-            proc.kill()
-            proc.wait()
+    _kill_when(proc, interrupted_mid_trial, signal.SIGINT)
+    assert interrupted_mid_trial(), epochs_done()
+    assert not (exp / LEASE).exists(), "an interrupted driver releases its lease"
     store = Experiment(exp)
 
     def checkpoint_mtimes(trial_id: str) -> dict:
@@ -86,8 +94,18 @@ asha: {{max_t: 4, grace_period: 4}}
 
     first = {t: checkpoint_mtimes(t) for t in store.trial_ids() if len(store.history(t)) == 4}
     assert first, "at least one trial finished before the interrupt"
-    subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, check=True, timeout=300,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The lost driver: the resumed one is killed outright once it has persisted an epoch of its own.
+    done, at_kill = sum(epochs_done()), []
+    proc = subprocess.Popen(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_when(proc, lambda: at_kill.append(sum(epochs_done())) or at_kill[-1] > done, signal.SIGKILL)
+    assert done < at_kill[-1] < 12, (done, at_kill[-1])  # killed mid-sweep, after an epoch of its own
+    assert (exp / LEASE).exists(), "SIGKILL leaves the dead driver's lease behind"
+    resumed = subprocess.run(_sweep_cmd("--resume", str(exp)), cwd=REPO, env=env, timeout=300,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking over the stale lease" in resumed.stderr and f"pid {proc.pid} is not running" in resumed.stderr
+    assert not (exp / LEASE).exists()
     trials = pd.read_parquet(exp / "trials.parquet")
     assert len(trials) == 3 and (trials.epochs_run == 4).all()
     for trial_id, mtimes in first.items():  # finished before the interrupt: untouched by the resume
