@@ -38,7 +38,15 @@ from fer_ray.data.dataset import fingerprint
 from fer_ray.experiment import TUNE, Experiment, as_experiment
 from fer_ray.loop import best_entry
 from fer_ray.names import SPLIT_ROLES
-from fer_ray.placement import check_feasible, cluster_gpus, place_in_cluster, trial_resources, trials_that_fit
+from fer_ray.placement import (
+    autoscaler_node_types,
+    check_feasible,
+    cluster_gpus,
+    launchable_types,
+    place_in_cluster,
+    trial_resources,
+    trials_that_fit,
+)
 from fer_ray.schedulers import (
     SuccessiveHalving,  # noqa: F401 — Tune state of older experiments pickles this path
     make_scheduler,
@@ -82,7 +90,7 @@ def concurrency(cfg: SweepConfig) -> int:
 
 
 def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failures: int,
-                 sweep: SweepConfig | None = None) -> None:
+                 sweep: SweepConfig | None = None, launchable: set[str] | None = None) -> None:
     """One trial: pin its GPU type (``fer_ray.placement``), build the TorchTrainer for its config and fit it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -90,25 +98,25 @@ def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failur
     cfg = TrainConfig.from_dict(sweep.conditioned(config["train"]) if sweep else config["train"], "train")
     rule = sweep.rule_for(cfg.model) if sweep else None
     if cfg.num_workers > 0:  # local mode got its GPU type with the trial's resources
-        cfg = place_in_cluster(cfg, rule)
+        cfg = place_in_cluster(cfg, rule, launchable)
     callbacks = [TuneReportCallback()] if cfg.num_workers > 0 else None
     make_trainer(cfg, data_ref, exp_uri, trial_id, group, callbacks=callbacks, in_tune=True,
                  max_failures=max_failures, batch_size_cap=rule.batch_size_cap if rule else None,
                  keep_all=bool(sweep) and sweep.keep_checkpoints != "best").fit()
 
 
-def _resources(config: dict, sweep: SweepConfig) -> PlacementGroupFactory:
+def _resources(config: dict, sweep: SweepConfig, launchable: set[str] | None = None) -> PlacementGroupFactory:
     """A trial driver's resources, from the trial's own config (``fer_ray.placement.trial_resources``)."""
     cfg = TrainConfig.from_dict(sweep.conditioned(config["train"]), "train")
     gpus = cluster_gpus() if cfg.use_gpu and cfg.num_workers == 0 else {}
-    return PlacementGroupFactory([trial_resources(cfg, sweep.rule_for(cfg.model), gpus)])
+    return PlacementGroupFactory([trial_resources(cfg, sweep.rule_for(cfg.model), gpus, launchable)])
 
 
-def _trainable(cfg: SweepConfig, data_ref, exp: Experiment, group: str):
+def _trainable(cfg: SweepConfig, data_ref, exp: Experiment, group: str, launchable: set[str] | None = None):
     fn = functools.partial(trial_driver, data_ref=data_ref, exp_uri=exp.uri, group=group,
-                           max_failures=cfg.max_failures, sweep=cfg)
+                           max_failures=cfg.max_failures, sweep=cfg, launchable=launchable)
     fn.__name__ = "trial"  # Tune names trials after the trainable
-    return tune.with_resources(fn, functools.partial(_resources, sweep=cfg))
+    return tune.with_resources(fn, functools.partial(_resources, sweep=cfg, launchable=launchable))
 
 
 def _trial_dirname(trial: Trial) -> str:
@@ -174,8 +182,11 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         # Every kept checkpoint forces a snapshot of Tune's (small) experiment state; concurrent trials that report
         # within 5 s of each other make Tune warn that snapshots "may become a bottleneck" on every epoch.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    check_feasible(trial_configs(cfg), autoscaled=not cluster.STARTED_LOCAL_RAY)
-    trainable = _trainable(cfg, data_ref, exp, group)
+    # An autoscaler's node types (its cluster config, when this driver can read it) decide what can never fit.
+    node_types = None if cluster.STARTED_LOCAL_RAY else autoscaler_node_types()
+    check_feasible(trial_configs(cfg), autoscaled=not cluster.STARTED_LOCAL_RAY, node_types=node_types,
+                   rule_for=cfg.rule_for)
+    trainable = _trainable(cfg, data_ref, exp, group, launchable_types(node_types))
     tune_uri = join_uri(exp.tune_storage(group), TUNE)
     if resume and tune.Tuner.can_restore(tune_uri):
         # Tune restores the param_space it saved: rebuilding it from today's TrainConfig would fail the restore

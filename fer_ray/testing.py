@@ -60,9 +60,10 @@ HEAD_TYPE = "ray.head.default"
 
 def node_types(cpu_max: int = 2, cpus: int = 2, object_store_mb: int = 200) -> dict:
     """Worker node types mirroring ``cluster.yaml`` at this machine's scale: ``cpu`` (``cpus`` CPUs, 0..``cpu_max``)
-    and two GPU types with logical GPUs and ``accelerator_type:<X>`` resources (0..1 each). The GPU types get one CPU,
-    so nothing that asks for more (a DDP trial's worker group, a TTA task) can land there: the CPU type is what
-    scales for CPU work, as on the real cluster."""
+    and two GPU types with logical GPUs and ``accelerator_type:<X>`` resources: ``gpu_a10g`` (1 A10G, 0..2) and
+    ``gpu_4x_l4`` (4 L4, 0..1; ``cluster.yaml``'s second type is 4 A10G, here another accelerator so that placement
+    across GPU types is tested). The GPU types get one CPU, so nothing that asks for more (a DDP trial's worker
+    group, a TTA task) can land there: the CPU type is what scales for CPU work, as on the real cluster."""
     store = object_store_mb * 1024**2
 
     def kind(resources: dict, most: int) -> dict:
@@ -70,8 +71,8 @@ def node_types(cpu_max: int = 2, cpus: int = 2, object_store_mb: int = 200) -> d
                 "max_workers": most}
 
     return {"cpu": kind({"CPU": cpus}, cpu_max),
-            "gpu_a10g": kind({"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}, 1),
-            "gpu_4x_a10g": kind({"CPU": 1, "GPU": 4, "accelerator_type:A10G": 4}, 1)}
+            "gpu_a10g": kind({"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}, 2),
+            "gpu_4x_l4": kind({"CPU": 1, "GPU": 4, "accelerator_type:L4": 4}, 1)}
 
 
 def autoscaling_config(gcs_port: int, types: dict, idle_timeout_minutes: float = 0.25,
@@ -104,8 +105,10 @@ class LocalCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Variables a client (a driver subprocess, ``ray status``, ``ray.init``) of this cluster needs."""
-        return {"RAY_ADDRESS": self.gcs_address, "RAY_AUTH_MODE": "token"}
+        """Variables a client (a driver subprocess, ``ray status``, ``ray.init``) of this cluster needs, and the
+        autoscaler's config for fer_ray's placement checks (``fer_ray.placement.autoscaler_node_types``)."""
+        return {"RAY_ADDRESS": self.gcs_address, "RAY_AUTH_MODE": "token",
+                "FER_RAY_AUTOSCALING_CONFIG": str(Path(self.temp_dir, "autoscaling.yaml"))}
 
     def connect(self, **init_kwargs) -> None:
         """``ray.init`` this process as a client of the cluster. Token mode is set process-wide as Ray's own local

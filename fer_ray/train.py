@@ -111,7 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
     local = cfg.num_workers == 0
     if local:  # in-process: ray.train's context API is unavailable inside a Tune trial
         rank, world = 0, 1
-        device = torch.device("cuda" if cfg.use_gpu else "cpu")
+        # As Ray Train picks a DDP worker's device: a GPU only where CUDA is (a logical GPU places, never trains).
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     else:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()

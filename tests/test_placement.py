@@ -5,6 +5,7 @@ that a 2-worker GPU trial lands on the two B nodes, never across types.
 """
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -261,3 +262,80 @@ def test_search_space_resource_candidates_are_checked():
 
     cfg = SweepConfig.from_dict({"search_space": {"num_workers": {"grid": [0, 4]}, "lr": {"choice": [0.1]}}}, "s")
     assert sorted(c.num_workers for c in trial_configs(cfg)) == [0, 2, 4]
+
+
+ASC_TYPES = {"cpu": {"resources": {"CPU": 2}, "max_workers": 2},
+             "gpu_a10g": {"resources": {"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}, "max_workers": 2},
+             "gpu_4x_l4": {"resources": {"CPU": 1, "GPU": 4, "accelerator_type:L4": 4}, "max_workers": 1}}
+HEAD = [{"CPU": 0}]
+
+
+@pytest.mark.parametrize("train,rule,msg", [
+    ({"num_workers": 0, "cpus_per_worker": 0.25, "use_gpu": True, "gpu_fraction": 0.25}, ["A10G"], None),
+    ({"num_workers": 0, "cpus_per_worker": 0.25, "use_gpu": True, "gpu_fraction": 0.25}, ["T4", "L4"], None),
+    ({"num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": True}, ["A10G"], None),  # one GPU on each of 2 nodes
+    ({"num_workers": 2, "cpus_per_worker": 0.9}, None, None),
+    ({"num_workers": 0, "use_gpu": True}, ["T4"], r"may run on GPU types T4 but no node or node type has one "
+                                                   r"\(GPU types: A10G, L4\)"),
+    ({"num_workers": 3, "cpus_per_worker": 0.3, "use_gpu": True}, ["A10G"],
+     r"a trial asks for 3 GPU \(3 worker\(s\)\) but A10G nodes hold 2"),
+    ({"num_workers": 0, "cpus_per_worker": 2, "use_gpu": True}, ["L4"],
+     r"each worker asks for 2 CPU but the largest L4 node or node type has 1"),
+    ({"num_workers": 0, "cpus_per_worker": 4}, None, r"each worker asks for 4 CPU but the largest node or node type"),
+    ({"num_workers": 4, "cpus_per_worker": 1.9}, None, r"a trial asks for 7.7 CPU .* the cluster can grow to 7"),
+])
+def test_feasible_against_the_autoscalers_node_types(train, rule, msg):
+    """What no node type of the autoscaler can ever hold is decided from its node types (a faked table), per
+    allowed GPU type for pinned trials; the rest fits."""
+    from fer_ray.placement import infeasible
+
+    cfg = TrainConfig.from_dict(train, "train")
+    problem = infeasible(cfg, PlacementRule(accelerator_type=rule) if rule else None, HEAD, ASC_TYPES)
+    if msg is None:
+        assert problem is None
+    else:
+        assert re.search(msg, problem), problem
+    if msg is None and rule:  # and such a trial is pinned to a type the autoscaler can add
+        from fer_ray.placement import launchable_types
+
+        placed = place(cfg, PlacementRule(accelerator_type=rule), {}, launchable_types(ASC_TYPES))
+        assert placed.accelerator_type == next(t for t in rule if t in {"A10G", "L4"})
+
+
+def test_check_feasible_fails_fast_only_when_node_types_are_known(monkeypatch, caplog):
+    import ray
+
+    from fer_ray.placement import check_feasible
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 0}}])
+    t4 = TrainConfig(num_workers=0, use_gpu=True, model="basic_cnn")
+    rules = {"basic_cnn": PlacementRule(accelerator_type=["T4"])}.get
+    with pytest.raises(ConfigError, match=r"^train \(basic_cnn\): it may run on GPU types T4 .* no node type of this "
+                                          r"cluster's autoscaler \(cpu, gpu_a10g, gpu_4x_l4\) can ever hold it"):
+        check_feasible([t4], autoscaled=True, node_types=ASC_TYPES, rule_for=rules)
+    check_feasible([t4], autoscaled=True, node_types=None, rule_for=rules)  # unknown node types: it waits
+    assert "waiting for the autoscaler" in caplog.text
+    with pytest.raises(ConfigError, match="this local Ray cannot grow"):
+        check_feasible([t4], autoscaled=False, node_types=ASC_TYPES, rule_for=rules)
+
+
+def test_autoscaler_node_types_from_the_cluster_config(tmp_path, monkeypatch):
+    from fer_ray.placement import AUTOSCALING_CONFIG_ENV, autoscaler_node_types
+    from fer_ray.testing import autoscaling_config, node_types
+
+    path = tmp_path / "autoscaling.yaml"
+    path.write_text(yaml.safe_dump(autoscaling_config(6379, node_types())))
+    monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, str(path))
+    types = autoscaler_node_types()
+    assert set(types) == {"cpu", "gpu_a10g", "gpu_4x_l4"}, "the head type is left out"
+    assert types["gpu_4x_l4"]["resources"]["accelerator_type:L4"] == 4 and types["gpu_a10g"]["max_workers"] == 2
+    monkeypatch.setenv(AUTOSCALING_CONFIG_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"missing\.yaml \(FER_RAY_AUTOSCALING_CONFIG\): not an autoscaling cluster"):
+        autoscaler_node_types()
+    monkeypatch.delenv(AUTOSCALING_CONFIG_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml: unknown
+    assert autoscaler_node_types() is None
+    raw = yaml.safe_load(path.read_text())
+    raw["available_node_types"]["cpu"].pop("resources")  # filled in by the launcher at run time: unknown
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(raw))
+    assert autoscaler_node_types() is None
