@@ -107,9 +107,11 @@ def error_line(e: BaseException) -> str:
 
 def open_storage(location: str | Path) -> Storage:
     """The bundle's location as a ``Storage`` (a local folder, or a URI ``fer_ray.storage`` reads); a URI pyarrow
-    cannot open is a ``BundleError`` naming it."""
+    cannot open is a ``BundleError`` naming it. A bucket that cannot be reached fails at once, not after
+    ``fer_ray.storage``'s outage retries: export, predict and serve are one-off commands (Serve restarts a replica
+    that failed to load)."""
     try:
-        return Storage(location)
+        return Storage(location, retry=False)
     except StorageError as e:  # names the location already
         raise BundleError(str(e)) from None
     except (OSError, ValueError) as e:

@@ -59,7 +59,8 @@ def _drop_stale(exp: Experiment, member: str, split: str, ids: np.ndarray) -> No
     """Remove a stored file of this split whose image ids differ (same name reused for another dataset)."""
     rel = exp.logits_rel(member, split)
     if exp.is_file(rel):
-        stored = pq.read_table(exp.path(rel), columns=["image_id"], filesystem=exp.fs).column("image_id")
+        stored = exp.call(lambda: pq.read_table(exp.path(rel), columns=["image_id"], filesystem=exp.fs))
+        stored = stored.column("image_id")
         stored = stored.to_numpy(zero_copy_only=False)
         n = len(ids)
         if len(stored) % max(n, 1) or not np.array_equal(stored[:n].astype(str), ids):

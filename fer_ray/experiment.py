@@ -176,7 +176,7 @@ class Experiment(Storage):
 
     # -- tables ----------------------------------------------------------------------------------------------
     def read_parquet(self, rel: str) -> pd.DataFrame:
-        return pq.read_table(self.path(rel), filesystem=self.fs).to_pandas()
+        return self.call(lambda: pq.read_table(self.path(rel), filesystem=self.fs)).to_pandas()
 
     def write_parquet(self, rel: str, df: pd.DataFrame) -> str:
         return self.write_with(rel, lambda f: df.to_parquet(f, index=False))

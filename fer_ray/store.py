@@ -68,7 +68,7 @@ def write_logits(exp: Experiment | str, member: str, split: str, logits: np.ndar
 def read_meta(exp: Experiment | str, member: str, split: str) -> dict:
     """The producer's metadata of one stored file, without reading its rows (``{}`` if it has none)."""
     exp = as_experiment(exp)
-    schema = pq.read_schema(exp.path(exp.logits_rel(member, split)), filesystem=exp.fs)
+    schema = exp.call(lambda: pq.read_schema(exp.path(exp.logits_rel(member, split)), filesystem=exp.fs))
     return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
 
 
@@ -78,14 +78,14 @@ def read_logits(exp: Experiment | str, member: str, split: str) -> LogitSet:
     rel = exp.logits_rel(member, split)
     if not exp.is_file(rel):
         raise StoreError(f"{exp.uri_of(rel)}: no stored logits (run `fer-ray tta` first)")
-    return _read(pq.read_table(exp.path(rel), filesystem=exp.fs))
+    return _read(exp.call(lambda: pq.read_table(exp.path(rel), filesystem=exp.fs)))
 
 
 def read_logit_file(location: str | Path) -> LogitSet:
     """Read a logit file written with ``logit_table`` anywhere (a path or URI), e.g. a student's teacher logits."""
     folder, name = parent_and_name(str(location))
     storage = Storage(folder)
-    return _read(pq.read_table(storage.path(name), filesystem=storage.fs))
+    return _read(storage.call(lambda: pq.read_table(storage.path(name), filesystem=storage.fs)))
 
 
 def _read(table: pa.Table) -> LogitSet:

@@ -1,5 +1,6 @@
-"""Helpers the tests and benchmarks share: a real S3-compatible server (moto's server mode) on loopback, and a real
-autoscaling Ray cluster on this one machine (Ray's own autoscaler driving its fake multi-node provider).
+"""Helpers the tests and benchmarks share: a real S3-compatible server (moto's server mode) on loopback, a TCP
+proxy in front of it that can take the bucket away (``flaky_proxy``: refused connections, slow responses), and a
+real autoscaling Ray cluster on this one machine (Ray's own autoscaler driving its fake multi-node provider).
 
 ``s3_server`` needs the ``dev`` extra (``moto[server]``). Nothing in the pipeline imports this module.
 """
@@ -10,10 +11,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +56,113 @@ def s3_server(bucket: str = "fer-test", prefix: str = "runs") -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# -- a bucket outage: a loopback TCP proxy in front of the S3 server ----------------------------------------------
+class FlakyProxy:
+    """A TCP proxy on ``127.0.0.1:port`` to ``target`` (``host:port``), one thread per connection. ``refuse()``
+    closes the listening socket and every open connection (clients then get "Connection refused", as from a
+    server that is down) until ``accept()`` listens on the same port again; ``delay(s)`` holds the first chunk of
+    every response (the first bytes from the server after the client sent something) for ``s`` seconds
+    (``delayed`` counts them)."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target, self.port = (host, int(port)), free_port()
+        self.delay_s, self.refusals, self.delayed = 0.0, 0, 0
+        self._lock, self._conns = threading.Lock(), set()
+        self._listener: socket.socket | None = None
+        self._closed = threading.Event()
+        self.accept()
+        threading.Thread(target=self._serve, daemon=True, name="flaky-proxy").start()
+
+    def accept(self) -> None:
+        with self._lock:
+            if self._listener is None:
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", self.port))
+                s.listen(64)
+                self._listener = s
+
+    def refuse(self) -> None:
+        with self._lock:
+            listener, self._listener, conns = self._listener, None, list(self._conns)
+            self.refusals += 1
+        for s in [listener, *conns]:
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def delay(self, seconds: float) -> None:
+        self.delay_s = float(seconds)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.refuse()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            listener = self._listener
+            if listener is None:
+                time.sleep(0.05)
+                continue
+            try:
+                if not select.select([listener], [], [], 0.1)[0]:
+                    continue
+                client, _ = listener.accept()
+            except (OSError, ValueError):  # refused meanwhile
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._conns |= {client, server}
+        awaiting = False  # the client sent a request whose response has not started yet
+        try:
+            while True:
+                for s in select.select([client, server], [], [])[0]:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if s is client:
+                        awaiting = True
+                        server.sendall(data)
+                    else:
+                        if awaiting and self.delay_s:
+                            self.delayed += 1
+                            time.sleep(self.delay_s)
+                        awaiting = False
+                        client.sendall(data)
+        except (OSError, ValueError):  # closed by refuse()
+            pass
+        finally:
+            with self._lock:
+                self._conns -= {client, server}
+            client.close()
+            server.close()
+
+    def uri(self, uri: str) -> str:
+        """``uri`` (an ``s3_server`` URI) with its ``endpoint_override`` pointing at this proxy."""
+        return re.sub(r"endpoint_override=[^&]+", f"endpoint_override=127.0.0.1:{self.port}", uri)
+
+
+@contextlib.contextmanager
+def flaky_proxy(uri: str) -> Iterator[FlakyProxy]:
+    """A ``FlakyProxy`` in front of the S3 server of ``uri`` (an ``s3_server`` URI); ``proxy.uri(uri)`` is the same
+    location through the proxy. Closed (every connection ended) on exit."""
+    target = re.search(r"endpoint_override=([^&]+)", uri).group(1)
+    proxy = FlakyProxy(target)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 # -- an autoscaling Ray cluster on one machine ---------------------------------------------------------------------
