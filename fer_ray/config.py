@@ -183,9 +183,16 @@ class AugmentConfig(_Config):
     """Probability of random erasing (cutout)."""
     resized_crop: float = 0.0
     """Probability of a random resized crop (area 70-100 %, aspect 3/4-4/3) back to the batch's size."""
+    alternate_flip: bool = False
+    """Deterministic flips instead of random ones (airbench): every training image has a fixed random phase (drawn
+    from the run's seed and its position in the split) and is flipped in the epochs of one parity, so it is seen
+    in both orientations on consecutive epochs. Replaces the random flip (leave ``hflip`` at 0.5: about half the
+    images are flipped each epoch either way)."""
 
     def __post_init__(self) -> None:
         _check(self.strength >= 0, "strength", f"must be >= 0, got {self.strength}")
+        _check(not self.alternate_flip or self.hflip == 0.5, "alternate_flip",
+               f"replaces the random flip: leave hflip at 0.5, got {self.hflip}")
         for name in ("hflip", "erasing", "resized_crop", "affine_p", "jitter_p"):
             _check(0 <= getattr(self, name) <= 1, name, f"must be a probability, got {getattr(self, name)}")
         for name in ("rotate", "translate", "scale", "shear", "brightness", "contrast"):
@@ -208,8 +215,45 @@ class EmaConfig(_Config):
         _check(0 <= self.decay < 1, "decay", f"must be in [0, 1), got {self.decay}")
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine", "step", "plateau")
+@dataclass
+class LookaheadConfig(_Config):
+    """Lookahead (Zhang et al. 2019; timm's ``timm.optim.Lookahead``) around the optimizer: every ``k`` steps the
+    slow weights move ``alpha`` of the way to the fast ones and the fast ones restart from them."""
+
+    k: int = 0
+    """Fast steps per slow update; 0 turns Lookahead off."""
+    alpha: float = 0.5
+    """Slow-weight step size in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 0, "k", f"must be >= 0 (0: off), got {self.k}")
+        _check(0 < self.alpha <= 1, "alpha", f"must be in (0, 1], got {self.alpha}")
+
+
+@dataclass
+class WhitenConfig(_Config):
+    """A whitened first layer (``fer_ray.whiten``, airbench): the stem conv's filters set, before training, to the
+    eigenvectors ``±v / sqrt(λ + eps)`` of the covariance of the stem-sized patches of a sample of training images
+    (preprocessed as the model sees them); on models that declare their stem (``stem_conv()``)."""
+
+    enabled: bool = False
+    frozen: bool = True
+    """Keep the whitened filters fixed (``requires_grad=False``); the stem's bias, if any, still trains."""
+    eps: float = 5e-4
+    """Added to each eigenvalue before the square root: limits the gain of near-constant directions."""
+    images: int = 5000
+    """Training images sampled (seeded by the run's seed) to estimate the patch covariance."""
+
+    def __post_init__(self) -> None:
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.images >= 1, "images", f"must be >= 1, got {self.images}")
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "sgd_nesterov")
+LR_SCHEDULERS = ("none", "cosine", "step", "plateau", "linear", "onecycle")
+"""``TrainConfig.scheduler``'s values (the learning-rate schedule; ``SweepConfig.scheduler`` picks trials)."""
+STEP_SCHEDULERS = ("linear", "onecycle")
+"""Schedulers that set the learning rate every optimizer step (the others step once an epoch)."""
 
 
 @dataclass
@@ -229,11 +273,25 @@ class TrainConfig(_Config):
     batch_size: int = 64
     """Global batch size, split evenly across DDP workers."""
     optimizer: str = "adam"
+    """``adam``, ``adamw``, ``sgd`` (Nesterov, torch's units) or ``sgd_nesterov``: Nesterov SGD with lr and weight
+    decay decoupled (airbench): ``lr`` is the step per unit gradient once momentum has built up (torch's lr is
+    ``lr·(1 − momentum)``) and ``weight_decay`` shrinks the weights by ``weight_decay`` per 1,024 training images at
+    the schedule's peak, whatever ``lr``, ``batch_size`` and ``momentum`` (``fer_ray.engine.param_groups``)."""
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    bn_bias_lr_mult: float = 1.0
+    """Learning-rate multiplier of the BatchNorm biases (their own parameter group; airbench uses 64 with
+    ``sgd_nesterov``). With ``sgd_nesterov`` their weight decay per step stays that of the other weights."""
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    """Lookahead around the optimizer (``lookahead: {k: 5, alpha: 0.5}``); off by default."""
     scheduler: str = "cosine"
+    """Per epoch: ``cosine`` (with ``warmup_epochs``), ``step``, ``plateau``, ``none``. Per optimizer step (with
+    ``warmup_fraction``): ``linear`` (linear warm-up, then linear decay to 0) or ``onecycle`` (torch's
+    ``OneCycleLR``: cosine from lr/25 up to lr, then down to lr/25e4; momentum kept)."""
     warmup_epochs: int = 0
+    warmup_fraction: float = 0.0
+    """``linear``/``onecycle``: share of all optimizer steps spent warming up (``onecycle`` needs it > 0)."""
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     amp: str = "auto"
@@ -259,6 +317,14 @@ class TrainConfig(_Config):
     """How a 48-px face becomes the model's ``img_size`` input: ``resize``, or ``center_crop`` (train on random
     ``img_size`` crops of the face, evaluate on its center crop: the 40-px crop recipes; with TTA views
     ``tenshift<(48 - img_size) / 2>`` the ten-crop policy)."""
+    resize_stages: list[list[int]] = field(default_factory=list)
+    """Progressive resizing: ``[[epoch, size], ...]`` (epochs increasing): from each ``epoch`` on, training batches
+    are ``size`` px (resized on the device); epochs before the first stage, and every evaluation, use the model's
+    input size, which the last stage must equal (``[[0, 32], [4, 40], [8, 48]]``)."""
+    whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    """A whitened first layer (``whiten: {enabled: true, frozen: true}``); off by default."""
+    compile: bool = False
+    """``torch.compile`` (inductor) the training model; one warning line and eager mode where inductor cannot run."""
     aug_repeats: int = 1
     """Each image appears this many times per batch, each copy augmented on its own (batch augmentation; the
     published recipes train on all 5 or 10 crops of an image per step). ``batch_size`` counts images."""
@@ -291,7 +357,7 @@ class TrainConfig(_Config):
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        _check(self.scheduler in SCHEDULERS, "scheduler", f"must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        _check(self.scheduler in LR_SCHEDULERS, "scheduler", f"must be one of {LR_SCHEDULERS}, got {self.scheduler!r}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
@@ -306,6 +372,16 @@ class TrainConfig(_Config):
                f"a fraction of a GPU is for single-worker trials (DDP ranks need a GPU each); num_workers is "
                f"{self.num_workers}")
         _check(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.warmup_epochs == 0 or self.scheduler not in STEP_SCHEDULERS, "warmup_epochs",
+               f"scheduler {self.scheduler} warms up by warmup_fraction; set warmup_epochs to 0")
+        _check(0 <= self.warmup_fraction < 1, "warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        _check(self.warmup_fraction == 0 or self.scheduler in STEP_SCHEDULERS, "warmup_fraction",
+               f"is for scheduler linear or onecycle (scheduler is {self.scheduler}); use warmup_epochs")
+        _check(self.scheduler != "onecycle" or self.warmup_fraction > 0, "warmup_fraction",
+               "scheduler onecycle needs a warm-up share in (0, 1), e.g. 0.25")
+        _check(self.bn_bias_lr_mult > 0, "bn_bias_lr_mult", f"must be > 0, got {self.bn_bias_lr_mult}")
+        _check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        self._check_resize_stages()
         _check(self.mixup >= 0 and self.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0")
         _check(0 <= self.distill_alpha <= 1, "distill_alpha", f"must be in [0, 1], got {self.distill_alpha}")
         _check(self.distill_temperature > 0, "distill_temperature", f"must be > 0, got {self.distill_temperature}")
@@ -320,6 +396,25 @@ class TrainConfig(_Config):
             self.augment = AugmentConfig.from_dict(self.augment, "augment")
         if isinstance(self.ema, dict):
             self.ema = EmaConfig.from_dict(self.ema, "ema")
+        if isinstance(self.lookahead, dict):
+            self.lookahead = LookaheadConfig.from_dict(self.lookahead, "lookahead")
+        if isinstance(self.whiten, dict):
+            self.whiten = WhitenConfig.from_dict(self.whiten, "whiten")
+
+    def _check_resize_stages(self) -> None:
+        stages = self.resize_stages
+        ok = all(len(s) == 2 and s[0] >= 0 and 16 <= s[1] <= 512 for s in stages)
+        _check(ok, "resize_stages", f"must be [epoch >= 0, size in 16..512] pairs, got {stages!r}")
+        starts = [s[0] for s in stages]
+        _check(starts == sorted(set(starts)), "resize_stages", f"epochs must increase, got {starts}")
+        _check(not stages or self.img_size is None or stages[-1][1] == self.img_size, "resize_stages",
+               f"the last stage's size ({stages[-1][1] if stages else ''}) must be img_size ({self.img_size}): "
+               "evaluation runs at img_size")
+
+    def resize_at(self, epoch: int) -> int | None:
+        """The training input size of ``epoch`` under ``resize_stages``; ``None``: the model's input size."""
+        sizes = [size for start, size in self.resize_stages if start <= epoch]
+        return sizes[-1] if sizes else None
 
 
 def _is_type_name(name: object) -> bool:

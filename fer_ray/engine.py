@@ -1,4 +1,5 @@
-"""Pure-torch training core: batching, one training epoch, evaluation, optimiser and scheduler factories.
+"""Pure-torch training core: batching, one training epoch, evaluation, optimiser and scheduler factories
+(parameter groups, Nesterov SGD with decoupled weight decay, Lookahead, per-step schedules), ``torch.compile``.
 
 No Ray imports: ``fer_ray.train`` wraps these in Ray Train, and benchmarks call them in a bare loop.
 Images stay uint8 on the device until ``Augment``/``Preprocess`` turn each batch into model input; a split can be
@@ -12,6 +13,7 @@ continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fer_ray.config import TrainConfig
+from fer_ray.config import STEP_SCHEDULERS, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def shard_batches(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -103,17 +107,82 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
+def param_groups(cfg: TrainConfig, module: nn.Module) -> list[dict]:
+    """The trainable parameters of ``module`` as optimizer groups, each with its ``lr_mult``: with
+    ``cfg.bn_bias_lr_mult`` ≠ 1 the BatchNorm biases form a group of their own, otherwise there is one group."""
+    bn_biases = {id(m.bias) for m in module.modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.bias is not None}
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.bn_bias_lr_mult == 1:
+        return [{"params": params, "lr_mult": 1.0}]
+    groups = [{"params": [p for p in params if id(p) not in bn_biases], "lr_mult": 1.0},
+              {"params": [p for p in params if id(p) in bn_biases], "lr_mult": cfg.bn_bias_lr_mult}]
+    return [g for g in groups if g["params"]]
+
+
+def group_hparams(cfg: TrainConfig, lr_mult: float = 1.0) -> tuple[float, float]:
+    """torch's ``(lr, weight_decay)`` for a parameter group with learning-rate multiplier ``lr_mult``.
+
+    ``sgd_nesterov`` (airbench's decoupling): torch's lr is ``lr·(1−m)·lr_mult`` (m: momentum), so ``lr`` is the
+    step per unit gradient once momentum has built up; coupled L2 decay through momentum shrinks the weights by
+    ``lr_torch·wd_torch/(1−m)`` a step, which is set to ``D = weight_decay·batch_size/1024``: torch's weight decay is
+    ``D/(lr·lr_mult)``, and per epoch (``N/batch_size`` steps) the weights shrink by ``weight_decay·N/1024`` whatever
+    the lr, batch size, momentum and multiplier (both scale with the schedule). The others: ``lr·lr_mult`` and
+    ``weight_decay`` as given."""
+    if cfg.optimizer != "sgd_nesterov":
+        return cfg.lr * lr_mult, cfg.weight_decay
+    lr = cfg.lr * (1 - cfg.momentum) * lr_mult
+    return lr, cfg.weight_decay * cfg.batch_size / 1024 / (cfg.lr * lr_mult)
+
+
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``params`` (parameters, or ``param_groups``' groups), in timm's ``Lookahead`` with
+    ``cfg.lookahead.k``."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params, "lr_mult": 1.0}]
+    groups = [{k: v for k, v in g.items() if k != "lr_mult"}
+              | dict(zip(("lr", "weight_decay"), group_hparams(cfg, g.get("lr_mult", 1.0)))) for g in groups]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.lookahead.k:
+        from timm.optim import Lookahead
+
+        opt = Lookahead(opt, alpha=cfg.lookahead.alpha, k=cfg.lookahead.k)
+    return opt
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-    """Per-epoch LR scheduler (``step(val_acc)`` for plateau, ``step()`` otherwise), or ``None``."""
+def steps_per_epoch(n: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps of one epoch over ``n`` training images (``shard_batches`` with ``drop_last``)."""
+    return (n // world_size) // max(1, cfg.batch_size // world_size)
+
+
+def step_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """``scheduler: linear``'s lr multiplier at optimizer step ``step`` (0-based) of ``total``: ``(step+1)/W`` over
+    the ``W = round(warmup_fraction·total)`` warm-up steps, then ``(total−step)/(total−W)`` down to ``1/(total−W)``
+    at the last step."""
+    warm = round(cfg.warmup_fraction * total)
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int | None = None):
+    """The LR scheduler, or ``None``. Per epoch (``step(val_acc)`` for plateau, ``step()`` otherwise) or, for
+    ``STEP_SCHEDULERS``, ``step()`` after every optimizer step over ``steps`` steps an epoch."""
     sched = torch.optim.lr_scheduler
+    if cfg.scheduler in STEP_SCHEDULERS:
+        if not steps:
+            raise ValueError(f"scheduler {cfg.scheduler} needs the steps per epoch")
+        total = steps * cfg.epochs
+        if cfg.scheduler == "linear":
+            return sched.LambdaLR(optimizer, lambda s: step_factor(cfg, s, total))
+        return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+                                pct_start=cfg.warmup_fraction, cycle_momentum=False, div_factor=25.0,
+                                final_div_factor=1e4)
     if cfg.scheduler == "cosine":  # linear warm-up (lr·k/(w+1) in epoch k-1 of w), then cosine to 0 at the end
         warm = cfg.warmup_epochs
         cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - warm))
@@ -127,6 +196,19 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     if cfg.scheduler == "plateau":
         return sched.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     return None
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile(model)`` (inductor), after a probe compile on ``device``; where inductor cannot run (no C++
+    compiler, no Triton, an unsupported platform) one warning line and ``model`` itself."""
+    try:
+        probe = torch.compile(lambda t: t * 2 + 1, backend="inductor")
+        probe(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001  (inductor raises many types)
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        log.warning("compile: inductor unavailable on %s (%s: %s); training eagerly", device, type(e).__name__, first)
+        return model
+    return torch.compile(model)
 
 
 def class_balance(labels: torch.Tensor, num_classes: int = 7) -> torch.Tensor:
@@ -217,7 +299,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         idx = idx.to(device, non_blocking=True)
         if cfg.aug_repeats > 1:  # batch augmentation: every image several times, each copy augmented on its own
             idx = idx.repeat_interleave(cfg.aug_repeats)
-        x = preprocess(augment(preprocess.to_float(images[idx])))
+        x = preprocess(augment(preprocess.to_float(images[idx]), idx=idx, epoch=epoch, seed=cfg.seed))
         y = labels[idx]
         x, target = loss_fn.mix(x, y)
         with autocast(device, amp_dtype):

@@ -10,6 +10,11 @@ resumed at any epoch, the unfreeze epoch of the two-phase recipe included, conti
 Set-up also counts the model's size and compute once, on rank 0 (``profile``: parameters, GMACs by fvcore when
 it is installed), and every checkpoint carries them, so collecting a trial (``fer_ray.sweep.trial_row``) never
 rebuilds its model.
+
+The speed-recipe levers that change set-up or stepping live here as ``TrainConfig`` fields, not hooks the caller
+must remember: the whitened stem (``whiten``: ``fer_ray.whiten``, before the optimizer sees the parameters),
+``compile``, per-step learning-rate schedules (stepped after every optimizer step) and progressive resizing
+(``resize_stages``: each epoch's training batches resized on the device; evaluation always at the model's size).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 
 from fer_ray import engine, flops
 from fer_ray.checkpoint import make_payload
-from fer_ray.config import TrainConfig
+from fer_ray.config import STEP_SCHEDULERS, TrainConfig
 from fer_ray.data.augment import Augment, Preprocess
 from fer_ray.models import create_model
+from fer_ray.whiten import whiten_stem
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +167,12 @@ class TrainingRun:
         if cfg.distill_alpha > 0 and teacher is None:
             raise ValueError("distill_alpha > 0 needs teacher_logits in the shared dataset (use `fer-ray distill`)")
         self.teacher = None if teacher is None else torch.from_numpy(np.array(teacher, dtype=np.float32)).to(device)
+        if cfg.resize_stages and cfg.resize_stages[-1][1] != self.fer_cfg["img_size"]:
+            raise ValueError(f"resize_stages: the last stage's size ({cfg.resize_stages[-1][1]}) must be the model's "
+                             f"input size ({self.fer_cfg['img_size']}): evaluation runs at it")
+        self._stage_preprocess: dict[int, Preprocess] = {}
+        if cfg.whiten.enabled:  # before the optimizer and DDP see which parameters train
+            whiten_stem(self.module, self.train_x, self.preprocess, cfg.whiten, seed=cfg.seed)
         self.run_config = dict(cfg.to_dict(), img_size=self.fer_cfg["img_size"], in_chans=self.fer_cfg["in_chans"])
         self.epoch, self.history, self.stop, self.static_metrics = 0, [], False, {}
         self.hooks: list[Hook] = []
@@ -178,17 +190,35 @@ class TrainingRun:
             raise ValueError(f"freeze_epochs needs a model with freeze_backbone(); {cfg.model} has none")
         self.frozen = frozen
         self.model = self._wrap(self.module)
-        self.optimizer = engine.build_optimizer(cfg, [p for p in self.module.parameters() if p.requires_grad])
-        self.scheduler = engine.build_scheduler(cfg, self.optimizer)
+        if cfg.compile:
+            self.model = engine.compile_model(self.model, self.device)
+        self.optimizer = engine.build_optimizer(cfg, engine.param_groups(cfg, self.module))
+        steps = engine.steps_per_epoch(len(self.train_x), cfg, self.world)
+        self.scheduler = engine.build_scheduler(cfg, self.optimizer, steps)
+
+    def train_preprocess(self, epoch: int) -> Preprocess:
+        """The preprocessing of ``epoch``'s training batches: the model's, or ``resize_stages``' size for it."""
+        size = self.cfg.resize_at(epoch)
+        if size is None or size == self.fer_cfg["img_size"]:
+            return self.preprocess
+        if size not in self._stage_preprocess:
+            fer = self.fer_cfg
+            self._stage_preprocess[size] = Preprocess(size, fer["in_chans"], tuple(fer["mean"]),
+                                                      tuple(fer["std"])).to(self.device)
+        return self._stage_preprocess[size]
 
     def train_epoch(self) -> dict:
         """Train and evaluate one epoch; returns its metrics (also appended to ``history``, with the best so far)."""
         cfg, t0 = self.cfg, time.perf_counter()
         if self.frozen and self.epoch >= cfg.freeze_epochs:  # phase 2: unfreeze, re-wrap DDP, new optimizer
             self._set_phase(frozen=False)
-        stepped = [h for h in self.hooks if type(h).after_step is not Hook.after_step]
-        on_step = (lambda: [h.after_step(self) for h in stepped]) if stepped else None
-        metrics = engine.train_one_epoch(self.model, self.train_x, self.train_y, self.optimizer, self.preprocess,
+        stepped = [h.after_step for h in self.hooks if type(h).after_step is not Hook.after_step]
+        per_step = self.scheduler is not None and cfg.scheduler in STEP_SCHEDULERS
+        if per_step:
+            stepped.append(lambda _run: self.scheduler.step())
+        on_step = (lambda: [step(self) for step in stepped]) if stepped else None
+        preprocess = self.train_preprocess(self.epoch)
+        metrics = engine.train_one_epoch(self.model, self.train_x, self.train_y, self.optimizer, preprocess,
                                          self.augment, cfg, self.epoch, rank=self.rank, world_size=self.world,
                                          scaler=self.scaler, loss_fn=self.loss_fn, teacher=self.teacher,
                                          on_step=on_step)
@@ -198,7 +228,7 @@ class TrainingRun:
         metrics |= {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                     "epoch_time_s": time.perf_counter() - t0, "finished_at": time.time(),
                     "img_size": self.fer_cfg["img_size"], "world_size": self.world, **self.static_metrics}
-        if self.scheduler is not None:
+        if self.scheduler is not None and not per_step:
             self.scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else self.scheduler.step()
         self.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         best = best_entry(self.history)

@@ -4,7 +4,9 @@
 (resize to its input size, or its center crop; stack grey to its channel count, normalise with its mean/std from
 ``model.fer_cfg``): the one preprocessing of training, scoring and the exported graph. ``Augment`` applies
 per-sample random flip / affine / jitter / resized crop / erasing to whole batches with kornia, one kernel call per
-op for the batch, before ``Preprocess``. Nothing here loops over samples.
+op for the batch, before ``Preprocess``; or, with ``alternate_flip``, airbench's deterministic flips (each image
+flipped in the epochs of its own parity, from a hash of its position: ``flip_phase``). Nothing here loops over
+samples.
 """
 
 from __future__ import annotations
@@ -93,6 +95,22 @@ class Preprocess(nn.Module):
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
+def flip_phase(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random bit (0/1, int64) per image position ``idx`` for ``seed``: an integer hash computed on
+    ``idx``'s device (int64 arithmetic wraps), the same on every device, rank and resumed run."""
+    h = idx.long() * 1103515245 + (seed * 2654435761 + 12345) % 2**31
+    h = h ^ (h >> 13)
+    h = h * 1274126177
+    return (h ^ (h >> 16)) >> 7 & 1
+
+
+def alternating_flip(x: torch.Tensor, idx: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` with image ``i`` mirrored when ``flip_phase(idx[i], seed)`` differs from ``epoch``'s
+    parity: every image alternates between its two orientations from one epoch to the next."""
+    flip = (flip_phase(idx, seed) ^ (epoch & 1)).bool().view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
 class Augment(nn.Module):
     """Per-sample random augmentation of float ``[B, 1, H, W]`` batches in [0, 1] (kornia)."""
 
@@ -102,7 +120,8 @@ class Augment(nn.Module):
         super().__init__()
         s = cfg.strength
         ops: list[nn.Module] = []
-        if cfg.hflip > 0:
+        self.alternate_flip = cfg.alternate_flip
+        if cfg.hflip > 0 and not cfg.alternate_flip:
             ops.append(K.RandomHorizontalFlip(p=cfg.hflip))
         if s > 0 and (cfg.rotate or cfg.translate or cfg.scale or cfg.shear):
             ops.append(K.RandomAffine(
@@ -122,5 +141,11 @@ class Augment(nn.Module):
         self.ops = nn.Sequential(*ops)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None, epoch: int = 0, seed: int = 0) -> torch.Tensor:
+        """Augment ``x``; ``idx`` (the images' positions in the split), ``epoch`` and ``seed`` drive
+        ``alternate_flip``, which needs them."""
+        if self.alternate_flip:
+            if idx is None:
+                raise ValueError("alternate_flip needs the batch's image positions (idx)")
+            x = alternating_flip(x, idx, epoch, seed)
         return self.ops(x).clamp_(0.0, 1.0) if len(self.ops) else x

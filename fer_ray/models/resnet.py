@@ -58,6 +58,10 @@ class ResNetFER(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(drop_rate),
                                   nn.Linear(cin, num_classes))
 
+    def stem_conv(self) -> nn.Conv2d:
+        """The stem's conv (``fer_ray.whiten``: its first ``2·C·k²`` filters can be whitened)."""
+        return self.stem[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
 
