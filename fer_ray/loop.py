@@ -141,7 +141,7 @@ class TrainingRun:
 
     ``rank``/``world`` shard each epoch for DDP; ``wrap`` turns the model into its DDP wrapper (the Ray layer passes
     ``ray.train.torch.prepare_model``). ``static_metrics`` are merged into every epoch's metrics (the start-up
-    profile).
+    profile, where the run trains); the history keeps an epoch's numbers and strings.
     """
 
     def __init__(self, cfg: TrainConfig, arrays: dict, device: torch.device, *, rank: int = 0, world: int = 1,
@@ -230,7 +230,7 @@ class TrainingRun:
                     "img_size": self.fer_cfg["img_size"], "world_size": self.world, **self.static_metrics}
         if self.scheduler is not None and not per_step:
             self.scheduler.step(metrics["val_acc"]) if cfg.scheduler == "plateau" else self.scheduler.step()
-        self.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        self.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
         best = best_entry(self.history)
         return metrics | {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"]}
 

@@ -54,7 +54,7 @@ from fer_ray.schedulers import (
 from fer_ray.search import make_searcher, param_space  # noqa: F401 — param_space: the sweep's Tune space
 from fer_ray.storage import join_uri
 from fer_ray.tracking import tune_callbacks
-from fer_ray.train import CHECKPOINT_KEEP, KEEP_ALL, make_trainer
+from fer_ray.train import CHECKPOINT_KEEP, KEEP_ALL, make_trainer, where_trained
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
            "best_epoch": best["epoch"], "epochs_run": len(history),
            "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
            "config": json.dumps(train_cfg, sort_keys=True)}
+    row |= where_trained(history)  # the node (and GPU type) its last epoch trained on
     return row, library_rows(row, history, checkpoints, keep)
 
 

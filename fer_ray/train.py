@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     run = TrainingRun(cfg, arrays, device, rank=rank, world=world, wrap=wrap)
     in_tune_local = local and config.get("in_tune", False)
     _restore(run, in_tune_local)
-    hooks = [StartupProfile(config.get("t_start", t_entry), t_entry), RayReport(config, in_tune_local),
+    hooks = [StartupProfile(config.get("t_start", t_entry), t_entry), WhereTrained(), RayReport(config, in_tune_local),
              EarlyStopping(cfg.early_stopping)]
     if cfg.ema.decay:  # before the report: its metrics and weights go into this epoch's checkpoint
         hooks.insert(1, EMA(cfg.ema.decay, cfg.ema.warmup))
@@ -153,6 +153,38 @@ class StartupProfile(Hook):
         run.static_metrics |= {"startup_s": now - self.t_start, "startup_spawn_s": imp0 - self.t_start,
                                "startup_import_s": imp1 - imp0, "startup_setup_s": self.t_entry - imp1,
                                "startup_loop_s": now - self.t_entry}
+
+
+WHERE_COLUMNS = ("node_id", "node_ip", "accelerator_type")
+"""Where a run trained, as ``WhereTrained`` records it in every history entry and ``trials.parquet`` shows it."""
+
+
+class WhereTrained(Hook):
+    """Rank 0 records where the run trains in ``static_metrics`` (``WHERE_COLUMNS``: the Ray node's id and IP and
+    its ``accelerator_type:<X>`` resource, absent on a CPU node), so every epoch's history entry says where that
+    epoch was trained; a run resumed on another node records the new one."""
+
+    def before_train(self, run: TrainingRun) -> None:
+        if run.rank == 0:
+            run.static_metrics |= node_info()
+
+
+def node_info() -> dict:
+    """This process's Ray node: ``node_id``, ``node_ip`` and, on a GPU node, ``accelerator_type``."""
+    from fer_ray.placement import node_accelerator
+
+    node_id = ray.get_runtime_context().get_node_id()
+    resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
+    info = {"node_id": node_id, "node_ip": ray.util.get_node_ip_address(),
+            "accelerator_type": node_accelerator(resources)}
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def where_trained(history: list[dict]) -> dict:
+    """``WHERE_COLUMNS`` of a run's last history entry (where it finished), ``None`` for what it lacks (a CPU node's
+    type; histories written before fer_ray recorded them)."""
+    last = history[-1] if history else {}
+    return {k: last.get(k) for k in WHERE_COLUMNS}
 
 
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:

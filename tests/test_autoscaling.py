@@ -19,10 +19,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fer_ray import footprint
 from fer_ray.experiment import Experiment
@@ -70,6 +72,48 @@ def test_ray_internals_footprint():
                                                                     gcs_pb2.ActorTableData.DESCRIPTOR.fields}
     assert gcs_pb2.ActorTableData.DEAD is not None
     assert callable(state._connect_and_get_accessor) and callable(state.actor_table)
+
+
+def test_trials_record_where_they_trained(tmp_path, monkeypatch):
+    """``WhereTrained`` puts rank 0's node (id, IP, accelerator type) into every history entry; ``trial_row`` takes
+    the last entry's, so a trial resumed on another node shows where it finished; a history written before these
+    were recorded gives ``None``. No Ray: ``node_info`` is replaced by fixed nodes."""
+    import torch
+
+    from fer_ray import train
+    from fer_ray.checkpoint import write_checkpoint
+    from fer_ray.config import TrainConfig
+    from fer_ray.data import split_indices, synthetic
+    from fer_ray.loop import TrainingRun
+    from fer_ray.sweep import trial_row
+
+    data = synthetic.generate(64, seed=0)
+    arrays = {**data.to_arrays(), "splits": split_indices(data, 0.25, seed=0)}
+    cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=2, batch_size=16, num_workers=0, cpus_per_worker=1)
+    gpu_node = {"node_id": "n-gpu", "node_ip": "10.0.0.7", "accelerator_type": "A10G"}
+    monkeypatch.setattr(train, "node_info", lambda: gpu_node)
+    other_rank = TrainingRun(cfg.replace(epochs=1), arrays, torch.device("cpu"), rank=1)
+    train.WhereTrained().before_train(other_rank)
+    assert other_rank.static_metrics == {}, "rank 0 records it"
+    first = TrainingRun(cfg.replace(epochs=1), arrays, torch.device("cpu"))
+    first.fit([train.WhereTrained()])
+    exp = Experiment(str(tmp_path / "exp"))
+    write_checkpoint(tmp_path / "exp" / "tune" / "t" / "checkpoint_000000", first.state_dict())
+    monkeypatch.setattr(train, "node_info", lambda: {"node_id": "n-cpu", "node_ip": "10.0.0.9"})  # a CPU node
+    resumed = TrainingRun(cfg, arrays, torch.device("cpu"))
+    resumed.load_state_dict(first.state_dict())
+    history = resumed.fit([train.WhereTrained()])
+    write_checkpoint(tmp_path / "exp" / "tune" / "t" / "checkpoint_000001", resumed.state_dict())
+    assert [h["node_id"] for h in history] == ["n-gpu", "n-cpu"] and history[0]["accelerator_type"] == "A10G"
+    exp.write_history("t", history)
+    exp.write_history("old", [{k: v for k, v in h.items() if k not in train.WHERE_COLUMNS} for h in history])
+    for i, run in enumerate((first, resumed)):
+        write_checkpoint(tmp_path / "exp" / "tune" / "old" / f"checkpoint_00000{i}", run.state_dict())
+    rows = {t: trial_row(exp, t)[0] for t in ("t", "old")}
+    assert {k: rows["t"][k] for k in train.WHERE_COLUMNS} == {"node_id": "n-cpu", "node_ip": "10.0.0.9",
+                                                              "accelerator_type": None}, "where it finished"
+    assert {k: rows["old"][k] for k in train.WHERE_COLUMNS} == dict.fromkeys(train.WHERE_COLUMNS)
+    assert exp.metrics("t")["node_id"].tolist() == ["n-gpu", "n-cpu"]
 
 
 def _pg_state(pg) -> str:
@@ -176,12 +220,18 @@ def _workers(ray) -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]]
 
 
+ACCELERATOR = {"cpu": None, "gpu_a10g": "A10G", "gpu_4x_l4": "L4"}
+"""The node types of ``fer_ray.testing.node_types`` and their accelerator types."""
+
+
 def _kind(node: dict) -> str:
     """The node type of ``fer_ray.testing.node_types`` a node is, from its resources."""
+    from fer_ray.placement import node_accelerator
+
     res = node["Resources"]
     if "node:__internal_head__" in res:
         return "head"
-    return {0: "cpu", 1: "gpu_a10g"}.get(int(res.get("GPU", 0)), "gpu_4x_a10g")
+    return {v: k for k, v in ACCELERATOR.items()}[node_accelerator(res)]
 
 
 def _fer_ray_pgs(controllers: set[str]) -> dict[str, str]:
@@ -211,61 +261,85 @@ def _pg_summary() -> dict[str, str]:
             for pg in footprint._gcs_placement_groups()}
 
 
-@pytest.mark.ray
-def test_sweep_on_autoscaling_cluster(tmp_path, no_session_ray, monkeypatch, request):
-    import ray
-
+@pytest.fixture(scope="module")
+def asc(no_session_ray, request):
+    """One autoscaling cluster for the module's cluster tests (``fer_ray.testing.autoscaling_cluster``: head with 0
+    CPUs and its own ``--temp-dir``, idle timeout 15 s), this process connected as a client, its environment
+    (``LocalCluster.env``: the address, token mode, the autoscaler's config) set; yields ``(cluster, out)``: the
+    results root, a bucket of moto's S3 server on loopback unless ``FER_RAY_ASC_LOCAL=1`` (a folder of this disk,
+    which every fake node shares). Each test leaves it back at 0 workers or says so."""
     from fer_ray.testing import autoscaling_cluster
 
-    cfg = tmp_path / "asc.yaml"
-    cfg.write_text(SWEEP.format(cache=tmp_path / "cache"))
-    # The experiment in a bucket (moto's S3 server on loopback) unless FER_RAY_ASC_LOCAL=1 (a folder of this disk,
-    # which every fake node shares).
-    out = str(tmp_path / "results") if os.environ.get("FER_RAY_ASC_LOCAL") == "1" else request.getfixturevalue(
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp("asc")
+    out = str(tmp / "results") if os.environ.get("FER_RAY_ASC_LOCAL") == "1" else request.getfixturevalue(
         "s3_server")
-    exp = Experiment.under(out, "asc")
-    with autoscaling_cluster(idle_timeout_minutes=0.25) as cluster:
+    with autoscaling_cluster(idle_timeout_minutes=0.25) as cluster, pytest.MonkeyPatch.context() as mp:
         for k, v in cluster.env.items():
-            monkeypatch.setenv(k, v)
+            mp.setenv(k, v)
         cluster.connect(logging_level="WARNING")
         try:
-            code = ["-c", NO_RELEASE] if REPRO else ["-m", "fer_ray.cli"]
-            t0 = time.time()
-            with open(tmp_path / "driver.log", "w") as log:
-                driver = subprocess.Popen([sys.executable, *code, "sweep", str(cfg), "--out", out],
-                                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
-                                          stderr=subprocess.STDOUT)
-                try:
-                    first_up, most = _watch_sweep(ray, driver, exp, t0)
-                finally:
-                    if driver.poll() is None:
-                        driver.kill()
-                        driver.wait()
-            t_done = time.time()
-            print(f"[autoscaling] submit → first worker up {first_up - t0:.1f}s; {most} workers at most; driver "
-                  f"{'killed' if REPRO else 'done'} after {t_done - t0:.1f}s", flush=True)
-            if REPRO:  # the driver's job is gone: Ray removes its placement groups; the requests stay up to 180 s
-                _wait_scaled_down(ray, cluster, t_done, deadline_s=300, check=False, since="driver killed")
-                return
-            assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
-            _check_results(exp)
-            _check_ran_on_workers(ray)
-            t_last_task = max(exp.fs.get_file_info(exp.path(f)).mtime.timestamp() for f in exp.files("logits", True))
-            print(f"[autoscaling] last TTA task → driver done {t_done - t_last_task:.1f}s", flush=True)
-            _wait_scaled_down(ray, cluster, t_last_task, deadline_s=3 * (15 + 25))
+            yield cluster, out
         finally:
+            import ray
+
             ray.shutdown()
 
 
-def _watch_sweep(ray, driver, exp: Experiment, t0: float) -> tuple[float, int]:
+@pytest.mark.ray
+def test_sweep_on_autoscaling_cluster(tmp_path, asc):
+    import ray
+
+    cluster, out = asc
+    cfg = tmp_path / "asc.yaml"
+    cfg.write_text(SWEEP.format(cache=tmp_path / "cache"))
+    exp = Experiment.under(out, "asc")
+    code = ["-c", NO_RELEASE] if REPRO else ["-m", "fer_ray.cli"]
+    t0 = time.time()
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, *code, "sweep", str(cfg), "--out", out],
+                                  cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            first_up, most, seen = _watch_sweep(ray, driver, exp, t0)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    t_done = time.time()
+    print(f"[autoscaling] submit → first worker up {first_up - t0:.1f}s; {most} workers at most; driver "
+          f"{'killed' if REPRO else 'done'} after {t_done - t0:.1f}s", flush=True)
+    if REPRO:  # the driver's job is gone: Ray removes its placement groups; the requests stay up to 180 s
+        _wait_scaled_down(ray, cluster, t_done, deadline_s=300, check=False, since="driver killed")
+        return
+    assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    _check_results(exp)
+    _check_ran_on_workers(ray)
+    _check_trials_where(exp.trials(), seen)
+    t_last_task = max(exp.fs.get_file_info(exp.path(f)).mtime.timestamp() for f in exp.files("logits", True))
+    print(f"[autoscaling] last TTA task → driver done {t_done - t_last_task:.1f}s", flush=True)
+    _wait_scaled_down(ray, cluster, t_last_task, deadline_s=3 * (15 + 25))
+
+
+def _check_trials_where(trials, seen: dict[str, str]) -> None:
+    """Every trial's row names a worker node the cluster added (``seen``: node id → type; never the 0-CPU head) and
+    that node's accelerator type (``None`` on a ``cpu`` node)."""
+    cols = ["trial_id", "node_id", "node_ip", "accelerator_type"]
+    print("[autoscaling] trials.parquet:", trials[cols + ["best_val_acc"]].to_dict("records"), flush=True)
+    for row in trials.itertuples():
+        assert row.node_id in seen, f"trial {row.trial_id} trained on {row.node_id}, not a worker node: {seen}"
+        assert row.accelerator_type == ACCELERATOR.get(seen[row.node_id]), (row.trial_id, seen[row.node_id])
+
+
+def _watch_sweep(ray, driver, exp: Experiment, t0: float) -> tuple[float, int, dict[str, str]]:
     """Follow the driver until it exits (in the reproduction: until the TTA stage has been stuck for 90 s; the
-    driver is then killed): when the first worker node came up and how many ran at once."""
-    first_up, most, stuck_since, seen = None, 0, None, set()
+    driver is then killed): when the first worker node came up, how many ran at once, and every worker node seen
+    (node id → type)."""
+    first_up, most, stuck_since, seen = None, 0, None, {}
     while driver.poll() is None:
         assert time.time() < t0 + 1200, "the sweep did not finish in 20 minutes"
         workers = _workers(ray)
         most = max(most, len(workers))
-        seen |= {(n["NodeID"][-5:], _kind(n)) for n in workers}
+        seen |= {n["NodeID"]: _kind(n) for n in workers}
         if workers and first_up is None:
             first_up = time.time()
         if REPRO and exp.is_file("trials.parquet") and not exp.files("logits", True):
@@ -275,8 +349,8 @@ def _watch_sweep(ray, driver, exp: Experiment, t0: float) -> tuple[float, int]:
                 driver.kill()
                 driver.wait()
         time.sleep(1)
-    print(f"[autoscaling] worker nodes seen: {sorted(seen)}", flush=True)
-    return first_up or time.time(), most
+    print(f"[autoscaling] worker nodes seen: {sorted((k[-5:], v) for k, v in seen.items())}", flush=True)
+    return first_up or time.time(), most, seen
 
 
 def _report_hang(ray, exp: Experiment) -> None:
@@ -371,3 +445,82 @@ def _live_actors(ray) -> list[tuple[str, str]]:
              for n in ray.nodes()}
     return [(a["ActorClassName"], nodes.get(a["Address"]["NodeID"], "?")) for a in state.actor_table(None).values()
             if a["State"] != "DEAD"]
+
+
+# -- heterogeneous GPUs on the autoscaler ------------------------------------------------------------------------------
+HETERO = """
+name: {name}
+data: {{synthetic_n: 160, val_fraction: 0.25, cache_dir: {cache}}}
+train: {{model: basic_cnn, img_size: 32, epochs: 1, batch_size: 32, num_workers: 0, cpus_per_worker: 0.25,
+         use_gpu: true, gpu_fraction: 0.25}}
+search_space: {{model: {{grid: {models}}}}}
+num_samples: 1
+max_concurrent_trials: 5
+asha: {{max_t: 1, grace_period: 1}}
+placement: {placement}
+"""
+
+
+@pytest.mark.ray
+def test_gpu_types_on_the_autoscaler(tmp_path, asc, monkeypatch):
+    """Placement rules on the autoscaling cluster's two logical-GPU types (``gpu_a10g``: 1 A10G, 0..2 nodes;
+    ``gpu_4x_l4``: 4 L4, 0..1; one CPU each). In-process trials (``num_workers: 0``) at ``gpu_fraction: 0.25`` and
+    0.25 CPU, through ``run_sweep`` in this process (the real placement path: the trial's resources carry its GPU
+    type): four ``basic_cnn`` trials allowed ``[T4, A10G]`` (no node type has a T4: A10G is chosen) and one
+    ``basic_cnn_bn`` allowed ``[L4]``. The autoscaler launches one A10G node, where all four share its GPU, and the
+    L4 node for the fifth; ``trials.parquet`` says so. Before that, a trial allowed only a T4 stops with one line
+    before any trial starts. The GPUs are logical: the trials train on the CPU (no CUDA here)."""
+    import ray
+
+    from fer_ray import cluster as fer_cluster
+    from fer_ray.config import ConfigError, SweepConfig
+    from fer_ray.sweep import run_sweep
+
+    monkeypatch.setattr(fer_cluster, "STARTED_LOCAL_RAY", False)  # this process joined the cluster: it can grow
+
+    def sweep(name: str, models: list[str], placement: dict) -> SweepConfig:
+        text = HETERO.format(name=name, cache=tmp_path / "cache", models=json.dumps(models),
+                             placement=json.dumps(placement))
+        return SweepConfig.from_dict(yaml.safe_load(text), f"{name}.yaml")
+
+    assert not _workers(ray), "the cluster starts at its minimum"
+    t0 = time.time()
+    refused = (r"train \(basic_cnn\): it may run on GPU types T4 but no node or node type has one "
+               r"\(GPU types: A10G, L4\); no node type of this cluster's autoscaler")
+    with pytest.raises(ConfigError, match=refused):
+        run_sweep(sweep("never", ["basic_cnn"], {"basic_cnn": {"accelerator_type": ["T4"]}}), tmp_path / "never")
+    assert not (tmp_path / "never" / "tune").exists() and not _workers(ray), "no trial started, no node launched"
+    print(f"[autoscaling] a T4-only trial refused after {time.time() - t0:.1f}s", flush=True)
+
+    seen, up, done = {}, {}, threading.Event()
+
+    def watch() -> None:  # when each worker node first shows up in the GCS
+        while not done.is_set():
+            for n in _workers(ray):
+                if n["NodeID"] not in seen:
+                    seen[n["NodeID"]] = _kind(n)
+                    up.setdefault(_kind(n), time.time())
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    t0 = time.time()
+    watcher.start()
+    try:
+        trials = run_sweep(sweep("hetero", ["basic_cnn"] * 4 + ["basic_cnn_bn"],
+                                 {"basic_cnn": {"accelerator_type": ["T4", "A10G"]},
+                                  "basic_cnn_bn": {"accelerator_type": ["L4"]}}), tmp_path / "hetero")
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    t_done = time.time()
+    print(f"[autoscaling] submit → {', '.join(f'{k} node up {v - t0:.1f}s' for k, v in sorted(up.items()))}; "
+          f"sweep done {t_done - t0:.1f}s; worker nodes seen: {sorted((k[-5:], v) for k, v in seen.items())}",
+          flush=True)
+    print(trials[["trial_id", "arch", "best_val_acc", "node_id", "node_ip", "accelerator_type"]].to_string(),
+          flush=True)
+    assert len(trials) == 5 and trials["epochs_run"].tolist() == [1] * 5
+    _check_trials_where(trials, seen)
+    a10g, l4 = (trials[trials["arch"] == arch] for arch in ("basic_cnn", "basic_cnn_bn"))
+    assert set(a10g["accelerator_type"]) == {"A10G"} and set(l4["accelerator_type"]) == {"L4"}, "each on its type"
+    assert len(a10g) == 4 and a10g["node_id"].nunique() == 1, "the four 0.25-GPU trials shared one node"
+    assert sorted(k for k in seen.values() if k == "gpu_a10g") == ["gpu_a10g"], "one A10G node was launched (of 2)"
