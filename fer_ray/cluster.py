@@ -24,9 +24,10 @@ import ray
 
 from fer_ray.data import FERData
 
-FORWARDED_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_")
+FORWARDED_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "AZURE_STORAGE_", "FER_RAY_STORAGE_RETRY_S")
 """Environment variables (prefixes) handed to every Ray worker, so trials and inference tasks reach the same
-bucket as the driver: Ray does not forward the driver's environment to its workers."""
+bucket as the driver and wait out its outages as long (``fer_ray.storage``): Ray does not forward the driver's
+environment to its workers."""
 
 STARTED_LOCAL_RAY = False
 """True once this process started its own local Ray (nothing can add nodes to it)."""

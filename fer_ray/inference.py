@@ -43,6 +43,19 @@ class ScoreJob:
     """Which weights of the checkpoint: ``raw``, or the ``ema`` average saved beside them."""
 
 
+SCORE_MAX_RETRIES = 3
+"""Times Ray runs a scoring task again when its worker process or its node dies (a system failure; an exception
+raised by the task is not retried). Ray's default for tasks, stated here so that a lost node during TTA costs a
+rescore of its checkpoints on another node, never the stage."""
+
+
+def task_options(cfg: TrainConfig, cluster_cpus: float | None = None, label: str = "") -> dict:
+    """Everything ``score_checkpoints`` submits a scoring task with: ``task_resources``, the retries on a lost
+    worker or node (``SCORE_MAX_RETRIES``) and the task's name (``fer_ray.score <label>``)."""
+    return {**task_resources(cfg, cluster_cpus), "max_retries": SCORE_MAX_RETRIES, "retry_exceptions": False,
+            "name": f"fer_ray.score {label}"[:120]}
+
+
 def task_resources(cfg: TrainConfig, cluster_cpus: float | None = None) -> dict[str, float]:
     """Ray task options for scoring a checkpoint of a trial trained with ``cfg``: its GPU (or GPU share), else the
     trial's CPUs (capped at the cluster's)."""
@@ -91,9 +104,9 @@ def score_checkpoints(jobs: list[ScoreJob], images: np.ndarray, views: Sequence[
     cluster_cpus = ray.cluster_resources().get("CPU")
     pending = {}
     for i, job in enumerate(jobs):
-        res = task_resources(TrainConfig.from_dict(job.config, "trial config"), cluster_cpus)
+        res = task_options(TrainConfig.from_dict(job.config, "trial config"), cluster_cpus, job.label)
         device = "cuda" if res.get("num_gpus") else "cpu"
-        ref = task.options(**res, name=f"fer_ray.score {job.label}"[:120]).remote(
+        ref = task.options(**res).remote(
             job.location, images_ref, job.index, list(job.views or views), device, max(1, round(res["num_cpus"])),
             job.weights)
         pending[ref] = i

@@ -155,9 +155,7 @@ class Retry:
                     log.warning("bucket %s unreachable, retrying for up to %.0f s (%s): %s", where, self.limit_s,
                                 RETRY_ENV, _first_line(e))
                 left = start + self.limit_s - now
-                if left <= 0:
-                    with _OUTAGES_LOCK:
-                        _OUTAGES.pop(where, None)
+                if left <= 0:  # the outage stays recorded: later calls in it log nothing new
                     raise StorageUnavailable(f"bucket {where} unreachable for {now - start:.0f} s, past the "
                                              f"{self.limit_s:.0f} s limit ({RETRY_ENV}): {_first_line(e)}") from None
                 self.sleep(min(wait, left))

@@ -89,7 +89,11 @@ def test_past_the_limit_one_line_naming_the_bucket(clock, caplog):
     assert msg.startswith("bucket s3://b (endpoint 127.0.0.1:9) unreachable for 3") and "\n" not in msg
     assert "past the 30 s limit (FER_RAY_STORAGE_RETRY_S)" in msg and "Could not connect to server" in msg
     assert 30 <= clock.now - 1000 <= 30 + 6 + 8 and sum(clock.sleeps) <= 30
-    assert st._OUTAGES == {}  # a later call starts (and logs) a new outage
+    assert list(st._OUTAGES) == ["s3://b (endpoint 127.0.0.1:9)"]  # still the same outage for later calls
+    caplog.clear()
+    with pytest.raises(StorageUnavailable):
+        retry.call("s3://b (endpoint 127.0.0.1:9)", fn)
+    assert not [m for m in outage_lines(caplog) if "unreachable, retrying" in m]  # no second line for it
     assert isinstance(e.value, st.StorageError)  # the CLI prints StorageError as one line, exit 2
 
 
