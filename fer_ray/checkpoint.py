@@ -118,6 +118,15 @@ def ray_checkpoint_file(checkpoint) -> tuple[Storage, str]:
     """``(folder, file name)`` of the one ``epoch_NNN.pt`` inside a ``ray.train.Checkpoint`` (read in place)."""
     folder = Storage(checkpoint.path, filesystem=checkpoint.filesystem)
     names = [n for n in folder.files() if EPOCH_RE.fullmatch(n)]
+    if len(names) > 1:
+        # Tune may persist a trial's checkpoint into a folder that already holds one (a trial that population-based
+        # training restored from another's checkpoint numbers its next ones from the donor's): the upload's
+        # manifest, written last, names the file that belongs to this checkpoint.
+        try:
+            listed = set(folder.read_json(MANIFEST))
+        except StorageError:
+            listed = set()
+        names = [n for n in names if n in listed]
     if len(names) != 1:
         raise CheckpointError(f"{checkpoint.path}: expected one epoch_NNN.pt in the checkpoint, found {names}")
     return folder, names[0]

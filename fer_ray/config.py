@@ -531,9 +531,41 @@ class AshaConfig(_Config):
         _check(self.reduction_factor > 1, "reduction_factor", "must be > 1")
 
 
+SWEEP_SCHEDULERS = ("asha", "pbt")
+_PBT_SAMPLERS = ("choice", "uniform", "loguniform")
+
+
+@dataclass
+class PbtConfig(_Config):
+    """Population-based training (``scheduler: pbt``; Ray Tune's ``PopulationBasedTraining``): every
+    ``perturbation_interval`` epochs a trial in the bottom ``quantile_fraction`` of the population (by ``metric``)
+    continues from the latest checkpoint of one in the top quantile, with ``mutations``' fields perturbed (×0.8 or
+    ×1.2, a neighbouring choice) or, with probability ``resample_probability``, drawn again. The trial's optimizer
+    and schedule go on at the mutated lr and weight decay (``fer_ray.loop.TrainingRun.load_state_dict``); each
+    exploit is recorded in the checkpoint and the leaderboard's ``mutations`` column."""
+
+    perturbation_interval: int = 2
+    """Epochs between a trial's exploit/explore decisions."""
+    mutations: dict = field(default_factory=dict)
+    """Dotted train field → ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}`` or ``{choice: [...]}`` (e.g. ``lr``,
+    ``weight_decay``, ``augment.strength``): the fields PBT perturbs and resamples."""
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+    synch: bool = False
+    """Synchronous PBT: decide once every trial has reached the interval (reproducible; slower trials hold the
+    population up). Asynchronous (default): each trial is decided against the others' latest results."""
+
+    def __post_init__(self) -> None:
+        _check(self.perturbation_interval >= 1, "perturbation_interval", "must be >= 1")
+        _check(0 < self.quantile_fraction <= 0.5, "quantile_fraction", "must be in (0, 0.5]")
+        _check(0 <= self.resample_probability <= 1, "resample_probability", "must be in [0, 1]")
+        _check(isinstance(self.mutations, dict), "mutations", "must map train fields to samplers")
+
+
 @dataclass
 class SweepConfig(_Config):
-    """A Ray Tune sweep: one TorchTrainer run per trial, scheduled by ASHA."""
+    """A Ray Tune sweep: one TorchTrainer run per trial, scheduled by successive halving or population-based
+    training."""
 
     name: str = "sweep"
     data: DataConfig = field(default_factory=DataConfig)
@@ -545,6 +577,9 @@ class SweepConfig(_Config):
     of those models, the others keep the ``train`` value (for a model keyword: the model's own default)."""
     num_samples: int = 4
     asha: AshaConfig = field(default_factory=AshaConfig)
+    scheduler: str = "asha"
+    """``asha``: successive halving (``asha``: ASHA, or synchronous); ``pbt``: population-based training (``pbt``)."""
+    pbt: PbtConfig = field(default_factory=PbtConfig)
     metric: str = "val_score"
     """The per-epoch metric ASHA ranks trials on. ``val_score`` is validation accuracy with ties broken by the
     lower validation loss (``fer_ray.engine.SCORE_TIEBREAK``): on ``val_acc`` alone, trials still at the
@@ -608,8 +643,39 @@ class SweepConfig(_Config):
                 self._check_condition(key, spec["when"])
         _check(self.search.algorithm != "optuna" or self.max_concurrent_trials == 1, "max_concurrent_trials",
                "with search.algorithm optuna set search.max_concurrent instead")
-        if self.asha.max_t > self.train.epochs:
+        _check(self.scheduler in SWEEP_SCHEDULERS, "scheduler", f"must be one of {', '.join(SWEEP_SCHEDULERS)}, "
+                                                                f"got {self.scheduler!r}")
+        if self.scheduler != "pbt" and self.asha.max_t > self.train.epochs:
             raise ConfigError(f"asha.max_t ({self.asha.max_t}) exceeds train.epochs ({self.train.epochs})")
+        if isinstance(self.pbt, dict):
+            self.pbt = PbtConfig.from_dict(self.pbt, "pbt")
+        if self.scheduler == "pbt":
+            self._check_pbt(base)
+
+    def _check_pbt(self, base: dict) -> None:
+        """Population-based training's own rules, before any trial starts."""
+        pbt = self.pbt
+        _check(bool(pbt.mutations), "pbt.mutations", "must name at least one train field to mutate (e.g. lr)")
+        for key, spec in pbt.mutations.items():
+            where = f"pbt.mutations.{key}"
+            _check(_has_path(base, key), where, "is not a train config field")
+            ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _PBT_SAMPLERS
+            _check(ok, where, f"must be one mapping of {'/'.join(_PBT_SAMPLERS)} to values")
+            _check_space(base, key, *next(iter(spec.items())), where=where)
+            _check(key not in self.search_space or "when" not in self.search_space[key], where,
+                   "cannot also be a conditional search-space field")
+        _check(pbt.perturbation_interval < self.train.epochs, "pbt.perturbation_interval",
+               f"must be < train.epochs ({self.train.epochs}): no trial would ever be perturbed")
+        _check(self.num_trials() >= 2, "num_samples", "pbt needs a population: at least 2 trials")
+        _check(self.train.num_workers == 0, "train.num_workers",
+               "must be 0 with scheduler pbt: PBT hands one trial's Tune checkpoint to another, and in-process "
+               "trials are the ones whose checkpoints Tune holds (DDP trials' live in Ray Train)")
+        _check(self.keep_checkpoints == "best", "keep_checkpoints",
+               "must be best with scheduler pbt (a trial's earlier epochs may be another trial's)")
+        _check(not self.train.ema.decay, "train.ema", "is not supported with scheduler pbt yet (the EMA member "
+                                                      "would be chosen among epochs of several lineages)")
+        _check(self.search.algorithm == "random", "search.algorithm",
+               "must be random with scheduler pbt (PBT explores by itself; a model-based searcher would fight it)")
 
     def models(self) -> list:
         """The models this sweep's trials can have: ``search_space.model``'s candidates, else ``train.model``."""
@@ -672,10 +738,10 @@ class SweepConfig(_Config):
         return rule.merged(default) if rule else default
 
 
-def _check_space(base: dict, key: str, sampler: str, values: Any) -> None:
+def _check_space(base: dict, key: str, sampler: str, values: Any, where: str | None = None) -> None:
     """A search-space entry's values, checked as values of the field they sample: every ``choice``/``grid``
     candidate, and both bounds of a range (floats for ``uniform``/``loguniform``, integers for ``randint``)."""
-    where = f"search_space.{key}"
+    where = where or f"search_space.{key}"
     _check(isinstance(values, list) and values, where, "needs a non-empty list")
     candidates = values
     if sampler in ("uniform", "loguniform", "randint"):

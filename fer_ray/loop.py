@@ -254,6 +254,26 @@ class TrainingRun:
                             self.scaler.state_dict() if self.scaler else None, frozen=self.frozen, profile=self.profile,
                             **self.extra_state)
 
+    def _carry_on_at(self, fresh: list[tuple[float, float | None]]) -> None:
+        """Continue the restored optimizer and schedule at this config's base lr and weight decay. A plain resume
+        changes nothing (the checkpoint's are this config's); population-based training hands a trial another
+        trial's checkpoint with a mutated lr / weight decay: the schedule goes on where it stood (warm-up, decay or
+        plateau cuts kept as a ratio) from the new base."""
+        groups = self.optimizer.param_groups
+        if len(groups) != len(fresh):
+            return
+        for group, (base, decay) in zip(groups, fresh, strict=True):
+            old_base = group.get("initial_lr", group["lr"])
+            if old_base and old_base != base:
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # max/min: OneCycleLR's per-group bounds
+                    if key in group:
+                        group[key] *= base / old_base
+            if decay is not None:
+                group["weight_decay"] = decay
+        for scheduler in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:  # SequentialLR's parts
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [base for base, _ in fresh]
+
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a payload of ``state_dict``: weights, optimizer, scheduler, GradScaler, history, phase."""
         self.module.load_state_dict(ckpt["state_dict"])
@@ -264,9 +284,12 @@ class TrainingRun:
         frozen = bool(ckpt.get("frozen", self.cfg.freeze_epochs and self.epoch <= self.cfg.freeze_epochs))
         if frozen != self.frozen:
             self._set_phase(frozen)
+        # This config's base lr and weight decay per parameter group, before the checkpoint's replace them.
+        fresh = [(g.get("initial_lr", g["lr"]), g.get("weight_decay")) for g in self.optimizer.param_groups]
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler"):
             self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._carry_on_at(fresh)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -14,6 +14,8 @@ checks the fit in headless Chromium).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -76,6 +78,8 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
             row = {"name": member, "kind": t.kind, "members": member, "arch": t.arch, "img_size": str(t.img_size),
                    "tta_views": len(any_set.views), "params": int(t.params), "gmacs": float(t.gmacs),
                    "total_gmacs": float(t.gmacs) * len(any_set.views), "combiner": "", "selected_on": select}
+            if isinstance(t.get("mutations"), str) and t.get("mutations") != "[]":  # population-based training
+                row["mutations"] = mutation_schedule(json.loads(t.mutations))
         for split in split_order(roles):
             if split in per_split:
                 m = classification_metrics(member_logits(per_split[split], None), per_split[split].labels)
@@ -93,6 +97,12 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
         return board
     return board.sort_values([f"oof_acc_{select}", f"acc_{select}"], ascending=False,
                              na_position="last").reset_index(drop=True)
+
+
+def mutation_schedule(mutations: list[dict]) -> str:
+    """A PBT trial's exploit steps in one cell: ``e2<-t01 lr=0.0012; e4<-t03 lr=0.00096``."""
+    return "; ".join(f"e{m['epoch']}<-{m['from']} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                                for k, v in m["config"].items()) for m in mutations)
 
 
 def key_columns(board: pd.DataFrame, roles: dict[str, str]) -> list[str]:

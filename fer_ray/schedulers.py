@@ -1,5 +1,6 @@
-"""The sweep's trial schedulers: Ray Tune's (asynchronous) ASHA, or ``SuccessiveHalving``, synchronous successive
-halving as one bracket of Tune's HyperBand; ``make_scheduler`` picks one from a ``SweepConfig`` (``asha``).
+"""The sweep's trial schedulers: Ray Tune's (asynchronous) ASHA, ``SuccessiveHalving`` (synchronous successive
+halving as one bracket of Tune's HyperBand) or Ray Tune's population-based training (``pbt_scheduler``, mutations
+kept inside their bounds); ``make_scheduler`` picks one from a ``SweepConfig`` (``scheduler``, ``asha``, ``pbt``).
 
 Tune pickles the scheduler into the experiment's ``tuner.pkl`` by module path: experiments started before this
 module existed name ``fer_ray.sweep.SuccessiveHalving``, which ``fer_ray.sweep`` keeps as an alias so that they
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import math
 
+from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, PopulationBasedTraining, TrialScheduler
 
 # Private: Tune has no public synchronous successive halving; one HyperBand bracket is one (tests/test_ray_internals.py
 # fails if an upgrade moves what SuccessiveHalving overrides).
 from ray.tune.schedulers.hyperband import _Bracket
 
-from fer_ray.config import SweepConfig
+from fer_ray.config import SweepConfig, _get_path, set_path
 
 
 class SuccessiveHalving(HyperBandScheduler):
@@ -71,13 +73,52 @@ class SuccessiveHalving(HyperBandScheduler):
         return super().choose_trial_to_run(tune_controller)
 
 
-def make_scheduler(cfg: SweepConfig, max_running: int | None = None) -> ASHAScheduler | SuccessiveHalving:
+def make_scheduler(cfg: SweepConfig, max_running: int | None = None) -> TrialScheduler:
     """The sweep's scheduler on the trials' ``epoch``; Tune hands it ``cfg.metric``/``cfg.mode`` (default
-    ``val_score``). ``asha.synchronous`` selects ``SuccessiveHalving`` (running at most ``max_running`` trials,
-    default ``cfg.max_concurrent_trials``), else Ray Tune's (asynchronous) ASHA."""
+    ``val_score``). ``scheduler: pbt`` selects population-based training; else ``asha.synchronous`` selects
+    ``SuccessiveHalving`` (running at most ``max_running`` trials, default ``cfg.max_concurrent_trials``), else Ray
+    Tune's (asynchronous) ASHA."""
+    if cfg.scheduler == "pbt":
+        return pbt_scheduler(cfg)
     a = cfg.asha
     if a.synchronous:
         return SuccessiveHalving(max_t=a.max_t, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
                                  num_trials=cfg.num_trials(), max_running=max_running or cfg.max_concurrent_trials)
     return ASHAScheduler(time_attr="epoch", max_t=a.max_t, grace_period=a.grace_period,
                          reduction_factor=a.reduction_factor)
+
+
+_PBT_DOMAINS = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+                "choice": list}
+
+
+class ClipToBounds:
+    """PBT's explore step multiplies a continuous value by 0.8 or 1.2, which can leave its range (and make an
+    invalid train config): put each mutated ``uniform``/``loguniform`` field back inside its ``[lo, hi]``. A plain
+    class, so Tune can pickle the scheduler into the experiment for ``--resume``."""
+
+    def __init__(self, mutations: dict):
+        self.bounds = {k: v[next(iter(v))] for k, v in mutations.items() if next(iter(v)) != "choice"}
+
+    def __call__(self, config: dict) -> dict:
+        train = config["train"]
+        for key, (lo, hi) in self.bounds.items():
+            train = set_path(train, key, min(max(_get_path(train, key), lo), hi))
+        return {**config, "train": train}
+
+
+def pbt_scheduler(cfg: SweepConfig) -> PopulationBasedTraining:
+    """Ray Tune's PBT on the trials' ``epoch``: ``cfg.pbt``'s mutations as Tune domains under ``train``."""
+    mutations: dict = {}
+    for key, spec in cfg.pbt.mutations.items():
+        sampler, values = next(iter(spec.items()))
+        *parents, leaf = key.split(".")
+        node = mutations
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _PBT_DOMAINS[sampler](values)
+    p = cfg.pbt
+    return PopulationBasedTraining(time_attr="epoch", perturbation_interval=p.perturbation_interval,
+                                   hyperparam_mutations={"train": mutations}, quantile_fraction=p.quantile_fraction,
+                                   resample_probability=p.resample_probability, synch=p.synch,
+                                   custom_explore_fn=ClipToBounds(p.mutations))

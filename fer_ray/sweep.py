@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 
 import numpy as np
 import pandas as pd
@@ -205,8 +206,11 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=int(verbose),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      # PBT: an exploit restores from another trial's latest checkpoint, which
+                                      # keeping one per trial by val_acc may have deleted; trial_row prunes later.
                                       checkpoint_config=tune.CheckpointConfig(
-                                          **(CHECKPOINT_KEEP if cfg.keep_checkpoints == "best" else KEEP_ALL)),
+                                          **(CHECKPOINT_KEEP if cfg.keep_checkpoints == "best" and
+                                             cfg.scheduler != "pbt" else KEEP_ALL)),
                                       callbacks=[EpochLines(), footprint.ReleaseStopped(exp),
                                                  *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
     try:
@@ -225,9 +229,13 @@ def policy_epochs(keep: str | dict, epochs: list[int]) -> set[int]:
 
 
 def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None = None,
-              keep: str | dict = "best") -> tuple[dict, list[dict]]:
+              keep: str | dict = "best", final: bool = False) -> tuple[dict, list[dict]]:
     """One trial's summary from its history and its best checkpoint (chosen by ``fer_ray.loop.best_entry``), and
-    its checkpoint-library members (``library_rows``); checkpoints outside the library are deleted here."""
+    its checkpoint-library members (``library_rows``); checkpoints outside the library are deleted here.
+
+    ``final`` (population-based training): the trial is its latest checkpoint, scored by its last epoch, since its
+    earlier epochs may be another trial's (an exploit copies the donor's history); ``mutations`` lists the exploit
+    steps of its lineage (JSON, ``[]`` without)."""
     checkpoints = exp.checkpoints(trial_id, group)
     if not checkpoints:
         raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has a history but no checkpoint")
@@ -238,14 +246,19 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
     if len(history) < len(written):
         exp.write_history(trial_id, history, group)
     exp.write_metrics(trial_id, pd.DataFrame(history), group)
-    best = best_entry(history)
+    best = history[-1] if final else best_entry(history)
     if best["epoch"] not in checkpoints:
         raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has no checkpoint of its best epoch {best['epoch']} "
                                 f"(kept: {sorted(checkpoints)})")
-    if keep != "best":
-        wanted = policy_epochs(keep, [h["epoch"] for h in history]) | {best["epoch"], max(checkpoints)}
+    if keep != "best" or final:
+        wanted = {best["epoch"]} if final else policy_epochs(keep, [h["epoch"] for h in history]) | {
+            best["epoch"], max(checkpoints)}
+        # A checkpoint folder Tune reused (PBT) holds a wanted file beside an unwanted one: keep that folder.
+        keep_dirs = {posixpath.dirname(checkpoints[e]) for e in wanted if e in checkpoints}
         for epoch in [e for e in checkpoints if e not in wanted]:
-            exp.delete_checkpoint(checkpoints.pop(epoch))
+            location = checkpoints.pop(epoch)
+            if posixpath.dirname(location) not in keep_dirs:
+                exp.delete_checkpoint(location)
     location = checkpoints[best["epoch"]]
     ckpt = load_checkpoint(location)
     train_cfg = ckpt["config"]
@@ -255,7 +268,8 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
            "params": profile["params"], "gmacs": profile["gmacs"], "best_val_acc": best["val_acc"],
            "best_epoch": best["epoch"], "epochs_run": len(history),
            "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
-           "config": json.dumps(train_cfg, sort_keys=True)}
+           "config": json.dumps(train_cfg, sort_keys=True),
+           "mutations": json.dumps(ckpt.get("mutations", []))}  # population-based training's exploit steps
     row |= where_trained(history)  # the node (and GPU type) its last epoch trained on
     return row, library_rows(row, history, checkpoints, keep)
 
@@ -282,9 +296,9 @@ def collect_trials(exp: Experiment | str, cfg: SweepConfig | None = None, group:
     and their checkpoint-library members to ``library.parquet``."""
     exp = as_experiment(exp)
     cfg = cfg or exp.sweep()
-    rows, library = [], []
+    rows, library, pbt = [], [], cfg.scheduler == "pbt"
     for t in exp.trial_ids(group):
-        row, lib = trial_row(exp, t, group, cfg.asha.max_t, cfg.keep_checkpoints)
+        row, lib = trial_row(exp, t, group, None if pbt else cfg.asha.max_t, cfg.keep_checkpoints, final=pbt)
         rows.append(row)
         library += lib
     df = pd.DataFrame(rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import tempfile
 import time
 
@@ -89,8 +90,9 @@ class FaultInjection(Hook):
             os._exit(1)
 
 
-def _restore(run: TrainingRun, in_tune_local: bool) -> None:
-    """Continue from the latest checkpoint Ray hands this run (a retry, a resumed sweep, an unpaused trial)."""
+def _restore(run: TrainingRun, in_tune_local: bool, trial_id: str = "") -> None:
+    """Continue from the latest checkpoint Ray hands this run (a retry, a resumed sweep, an unpaused trial, or, under
+    population-based training, another trial's checkpoint: recorded as a mutation, ``mutations_since``)."""
     if in_tune_local:
         from ray import tune
 
@@ -98,8 +100,32 @@ def _restore(run: TrainingRun, in_tune_local: bool) -> None:
     else:
         checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        run.load_state_dict(load_ray_checkpoint(checkpoint))
+        payload = load_ray_checkpoint(checkpoint)
+        run.load_state_dict(payload)
+        # Tune keeps a trial's checkpoints in its own folder, named after the trial id (fer_ray.sweep._trial_dirname).
+        donor = posixpath.basename(posixpath.dirname(str(checkpoint.path).rstrip("/")))
+        run.extra_state["mutations"] = mutations_since(payload, run.cfg.to_dict(), donor, trial_id, run.epoch)
         log.warning("resuming from %s (epoch %d)", checkpoint.path, run.epoch)
+
+
+def mutations_since(payload: dict, config: dict, donor: str, trial_id: str, epoch: int) -> list[dict]:
+    """The exploit/explore steps of a run's lineage: the checkpoint's, plus one when the checkpoint is another trial's
+    (``donor``): ``{"epoch", "from", "config"}`` with the train fields that differ from the donor's config."""
+    mutations = list(payload.get("mutations", []))
+    if trial_id and donor and donor != trial_id:
+        before = _leaves(payload.get("config", {}))
+        # Fields left unset (None) are resolved in the checkpoint's config (in_chans from the model): not mutations.
+        changed = {k: v for k, v in _leaves(config).items() if v is not None and before.get(k) != v}
+        mutations.append({"epoch": epoch, "from": donor, "config": changed})
+    return mutations
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves by dotted path."""
+    out = {}
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -124,7 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
     run = TrainingRun(cfg, arrays, device, rank=rank, world=world, wrap=wrap)
     in_tune_local = local and config.get("in_tune", False)
-    _restore(run, in_tune_local)
+    _restore(run, in_tune_local, config.get("trial_id", "") if in_tune_local else "")
     hooks = [StartupProfile(config.get("t_start", t_entry), t_entry), WhereTrained(), RayReport(config, in_tune_local),
              EarlyStopping(cfg.early_stopping)]
     if cfg.ema.decay:  # before the report: its metrics and weights go into this epoch's checkpoint
