@@ -26,7 +26,7 @@ import yaml
 from fer_ray.checkpoint import CheckpointError
 from fer_ray.config import ConfigError, DataConfig, SweepConfig, TrainConfig, load_sweep, load_yaml
 from fer_ray.data import DataError
-from fer_ray.experiment import SWEEP, Experiment
+from fer_ray.experiment import Experiment
 from fer_ray.lease import LEASE, Lease
 from fer_ray.names import FORMATS
 from fer_ray.storage import StorageError
@@ -75,40 +75,37 @@ def cmd_sweep(args) -> None:
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
         check_model_names(cfg)
-        exp = _new_experiment(args, cfg.name)
+        exp = _new_experiment(args.out, cfg.name, args.overwrite, args)
     run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only,
             verbose=args.verbose)
 
 
 def _leased(args, exp: Experiment, lease: Lease | None = None) -> Experiment:
     """``exp``, with its lease (``fer_ray.lease``) taken for this command until ``main`` returns: the one place a
-    command that writes an experiment opens it. An existing experiment must hold a ``sweep.yaml`` (checked first,
-    so a wrong path is one line and leaves nothing behind)."""
+    command that writes an experiment opens it. What the command needs of the experiment it checks itself (one
+    line); a lease on a location that ends with nothing else written leaves nothing behind (``fer_ray.lease``)."""
     if lease is None:
-        exp.require(SWEEP)
         lease = Lease(exp, command=f"fer-ray {args.cmd}")
     args.held.enter_context(lease)
     return exp
 
 
-def _new_experiment(args, name: str) -> Experiment:
-    """The experiment ``name`` under ``args.out``, leased to this command. One that another live command writes is
-    refused (nothing touched); a folder there already is refused unless fer_ray created it and ``args.overwrite``
-    is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder fer_ray did not
-    create is never touched."""
-    out = args.out
+def _new_experiment(out: str, name: str, overwrite: bool, args=None) -> Experiment:
+    """The experiment ``name`` under ``out``, leased to the command ``args`` (none without). One that another live
+    command writes is refused (nothing touched); a folder there already is refused unless fer_ray created it and
+    ``overwrite`` is given (then it is removed; a new sweep must not mix its trials with an old one's); a folder
+    fer_ray did not create is never touched."""
     exp = Experiment.under(out, name)
-    lease = Lease(exp, command=f"fer-ray {args.cmd}")
+    lease = Lease(exp, command=f"fer-ray {args.cmd}" if args else "fer_ray")
     lease.check()  # a live writer: refused before anything is looked at or removed
-    if exp.is_empty() or (exp.files() == [LEASE] and not exp.dirs()):  # nothing, or a dead driver's lease only
-        return _leased(args, exp, lease)
-    if not exp.owns():
-        exp.remove(within=out)  # refuses with one line: not created by fer_ray
-    if not args.overwrite:
-        raise ConfigError(f"{exp.uri} already holds an experiment: continue it with --resume {exp.uri}, choose "
-                          f"another --name or --out, or replace it with --overwrite")
-    exp.remove(within=out)
-    return _leased(args, exp, lease)
+    if not (exp.is_empty() or (exp.files() == [LEASE] and not exp.dirs())):  # not nothing, nor a dead lease only
+        if not exp.owns():
+            exp.remove(within=out)  # refuses with one line: not created by fer_ray
+        if not overwrite:
+            raise ConfigError(f"{exp.uri} already holds an experiment: continue it with --resume {exp.uri}, choose "
+                              f"another --name or --out, or replace it with --overwrite")
+        exp.remove(within=out)
+    return _leased(args, exp, lease) if args else exp
 
 
 def cmd_demo(args) -> None:
@@ -134,7 +131,7 @@ def cmd_train(args) -> None:
     cfg = SweepConfig.from_dict({"name": args.name or time.strftime("train_%Y%m%d_%H%M%S"), "data": data,
                                  "train": train, "num_samples": 1, "asha": {"max_t": epochs, "grace_period": epochs},
                                  "placement": raw.get("placement", {})}, "train")
-    exp = _new_experiment(args, cfg.name)
+    exp = _new_experiment(args.out, cfg.name, args.overwrite, args)
     trials = run_sweep(cfg, exp, num_cpus=args.num_cpus, verbose=args.verbose)
     print(trials.drop(columns=["config"]).to_string(index=False))
 

@@ -5,10 +5,11 @@ and markers the suite runs in.
   drivers (``fer-ray sweep`` as a user runs it) join it through ``RAY_ADDRESS`` (``session_env``) instead of
   starting a Ray of their own: one Ray per host, as in ``ray job submit``.
 - ``no_session_ray`` (per module): for the few tests that must build their own Ray cluster
-  (``ray.cluster_utils.Cluster``, the autoscaler, per-GPU-type nodes): it stops the session's Ray if it runs. Those
-  modules run first, before any test has started the session's Ray, so nothing is stopped and started again.
-- Order (``pytest_collection_modifyitems``, by module, modules kept whole): own-cluster modules, the ``LONG`` ones,
-  other modules with a Ray or subprocess test, then the rest. Under ``pytest -n 2 --dist loadgroup
+  (``ray.cluster_utils.Cluster``, the autoscaler, per-GPU-type nodes): it stops the session's Ray while they run
+  (and starts it again only if a later test needs it). Those modules run last: their other tests use the session's
+  Ray, which must be the session's own local one, not a cluster of theirs still connected.
+- Order (``pytest_collection_modifyitems``, by module, modules kept whole): the ``LONG`` modules, other modules with a
+  Ray or subprocess test, the rest, then the own-cluster modules. Under ``pytest -n 2 --dist loadgroup
   --no-loadscope-reorder`` (``make test``) each module is one unit of work for one worker, handed out in that
   order, so the long units start first and the short ones fill the gaps; each worker has its own session Ray.
   Modules in ``SPREAD`` (independent tests, no module fixtures) are handed out test by test.
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries when offline
 RAY_FIXTURES = {"ray_session", "session_env", "no_session_ray"}
 """Fixtures that start or join Ray: their tests get the ``ray`` marker."""
 OWN_RAY_FIXTURES = {"no_session_ray"}
-"""Fixtures of tests that stop the session's Ray for one of their own: those modules run first."""
+"""Fixtures of tests that stop the session's Ray for one of their own: those modules run last."""
 _ITEMS: list = []
 
 
@@ -45,13 +46,19 @@ def pytest_collection_modifyitems(config, items):
         if RAY_FIXTURES & names:
             item.add_marker(pytest.mark.ray)
         module = item.getparent(pytest.Module)
-        if module.path.name not in SPREAD:
+        if OWN_RAY_FIXTURES & set(module.fixturenames if hasattr(module, "fixturenames") else ()) or any(
+                OWN_RAY_FIXTURES & set(i.fixturenames) for i in items if i.getparent(pytest.Module) is module):
+            # Own clusters one after another on one worker: two of them at once on a host, each with its own
+            # placement-group cleaner and autoscaler, have removed each other's placement groups.
+            item.add_marker(pytest.mark.xdist_group("own_cluster"))
+        elif module.path.name not in SPREAD:
             item.add_marker(pytest.mark.xdist_group(module.nodeid))
-        heavy = 0 if OWN_RAY_FIXTURES & names else 1 if (RAY_FIXTURES & names or item.get_closest_marker(
+        heavy = 3 if OWN_RAY_FIXTURES & names else 1 if (RAY_FIXTURES & names or item.get_closest_marker(
             "subprocess")) else 2
         if heavy == 1 and module.path.name in LONG:
             heavy = 0.5 + LONG.index(module.path.name) / 10
-        rank[module] = min(rank.get(module, 2), heavy)
+        rank[module] = max(rank.get(module, 0), heavy) if heavy == 3 or rank.get(module) == 3 else min(
+            rank.get(module, 2), heavy)
     items.sort(key=lambda item: rank[item.getparent(pytest.Module)])  # stable: modules stay whole and in order
     _ITEMS[:] = items
 
