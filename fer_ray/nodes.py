@@ -238,10 +238,8 @@ def start_nodes(plan: NodePlan, object_store_mb: int | None = None, timeout_s: f
                                               start_new_session=True))
             nodes.pids.append(procs[-1].pid)
             nodes.logs.append(log)
-            if node.head:  # the workers need the head's GCS; they start together
-                _wait_started(procs[-1], log, timeout_s)
-        for proc, log in zip(procs[1:], nodes.logs[1:], strict=True):
-            _wait_started(proc, log, timeout_s)
+            # One node at a time: nodes joining at once on a loaded host have missed Ray's own 30-s join deadline.
+            _wait_started(procs[-1], log, timeout_s)
     except BaseException:
         nodes.stop()
         raise
