@@ -7,8 +7,9 @@ its ensembles; ``export`` writes an ensemble or member as a self-contained ONNX/
 ``predict`` runs on images, folders, CSVs and videos and ``serve`` serves over HTTP (Ray Serve); ``models``/``flops``
 inspect the registry; ``nodes`` prints the local Ray node plan of this box's GPUs; ``data`` writes or summarises data.
 Every ``RESULTS`` argument and ``--out`` take a local path or a storage URI (``s3://bucket/prefix?...``, ``gs://``:
-``fer_ray.storage``). Bad input exits with status 2 and one line naming the file or field. A command that writes an
-experiment holds its lease (``fer_ray.lease``) while it runs: a second writer of the same experiment is refused.
+``fer_ray.storage``). ``sweep --time-limit 45m`` holds the whole run to a time limit (``fer_ray.budget``). Bad input
+exits with status 2 and one line naming the file or field. A command that writes an experiment holds its lease
+(``fer_ray.lease``) while it runs: a second writer of the same experiment is refused.
 """
 
 from __future__ import annotations
@@ -66,18 +67,28 @@ def _apply_overrides(cfg: SweepConfig, args) -> SweepConfig:
 
 
 def cmd_sweep(args) -> None:
+    started = time.monotonic()  # a time limit counts from here
+    from fer_ray.budget import parse_duration
+
+    limit = getattr(args, "time_limit", None)
+    if limit is not None:
+        try:
+            parse_duration(limit)
+        except ValueError as e:
+            raise ConfigError(f"--time-limit: {e}") from None
     from fer_ray.models import check_model_names
     from fer_ray.pipeline import run_all
 
-    if args.resume:
+    if args.resume:  # the limit is this invocation's: the sweep file's held the first one
         exp = _leased(args, Experiment(args.resume))
-        cfg = exp.sweep()
+        cfg = exp.sweep().replace(time_limit=limit)
     else:
         cfg = _apply_overrides(load_sweep(_sweep_file(args.sweep)), args)
+        cfg = cfg.replace(time_limit=limit) if limit is not None else cfg
         check_model_names(cfg)
         exp = _new_experiment(args.out, cfg.name, args.overwrite, args)
     run_all(cfg, exp, resume=bool(args.resume), num_cpus=args.num_cpus, sweep_only=args.sweep_only,
-            verbose=args.verbose)
+            verbose=args.verbose, started=started, limit_source="--time-limit" if limit is not None else "time_limit")
 
 
 def _leased(args, exp: Experiment, lease: Lease | None = None) -> Experiment:
@@ -111,7 +122,7 @@ def _new_experiment(out: str, name: str, overwrite: bool, args=None) -> Experime
 def cmd_demo(args) -> None:
     args.sweep, args.resume = args.sweep or "demo.yaml", None
     args.name = args.data = args.workers_per_trial = args.gpus_per_trial = None
-    args.sweep_only, args.wandb, args.overwrite = False, False, True
+    args.sweep_only, args.wandb, args.overwrite, args.time_limit = False, False, True, None
     from fer_ray.storage import parent_and_name
 
     args.out, args.name = parent_and_name(args.out)
@@ -337,6 +348,10 @@ COMMANDS: dict[str, tuple] = {
         arg("--overwrite", action="store_true", help="replace an existing experiment of the same name (default: "
                                                      "refuse)"),
         arg("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)"),
+        arg("--time-limit", metavar="DURATION",
+            help="end the whole run (sweep, TTA, ensembles, report) within this: 45m, 90s, 1.5h or seconds; "
+                 "overrides the sweep file's time_limit. A short calibration plans the sweep (fewer trials, the last "
+                 "rungs, the largest img_size cut to fit: budget.json); with --resume it limits this invocation"),
         *SWEEP_OPTS]),
     "demo": (cmd_demo, "the whole pipeline on the synthetic dataset (sweeps/demo.yaml)", [
         arg("--out", default="results/demo", help="experiment folder, replaced if it exists (default: results/demo)"),

@@ -606,6 +606,10 @@ class SweepConfig(_Config):
     placement: dict = field(default_factory=dict)
     """GPU trials: model name (or ``default``) → ``PlacementRule`` (``accelerator_type`` list,
     ``min_gpu_memory_gb``, ``batch_size_cap``); a trial's DDP group never mixes GPU types (``fer_ray.placement``)."""
+    time_limit: str | float | None = None
+    """The whole run (sweep, TTA, ensembles, report) ends within this: ``45m``, ``90s``, ``1.5h`` or seconds;
+    ``fer-ray sweep --time-limit`` overrides it. The sweep is planned from a short calibration and cut to fit
+    (``fer_ray.budget``); ``null``: no limit."""
 
     def __post_init__(self) -> None:
         _check(path_name_problem(self.name) is None, "name", str(path_name_problem(self.name)))
@@ -618,6 +622,13 @@ class SweepConfig(_Config):
         _check(self.mode in ("max", "min"), "mode", "must be max or min")
         _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
         _check(self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1")
+        if self.time_limit is not None:
+            from fer_ray.budget import parse_duration  # torch- and Ray-free at module level
+
+            try:
+                parse_duration(self.time_limit)
+            except ValueError as e:
+                raise ConfigError(f"time_limit: {e}") from None
         from fer_ray.views import expand_views, parse_view_spec  # a bad view fails before training
 
         for view in expand_views(self.tta_views):
@@ -651,6 +662,12 @@ class SweepConfig(_Config):
             self.pbt = PbtConfig.from_dict(self.pbt, "pbt")
         if self.scheduler == "pbt":
             self._check_pbt(base)
+
+    def time_limit_s(self) -> float | None:
+        """``time_limit`` in seconds (``None``: no limit)."""
+        from fer_ray.budget import parse_duration
+
+        return None if self.time_limit is None else parse_duration(self.time_limit)
 
     def _check_pbt(self, base: dict) -> None:
         """Population-based training's own rules, before any trial starts."""

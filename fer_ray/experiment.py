@@ -17,6 +17,7 @@ file names::
     logits/<member>/<split>.parquet   the TTA logit store (format: ``fer_ray.store``)
     ensembles/<name>.json             fitted ensembles (``fer_ray.ensemble``)
     pareto.csv          budget-search candidates;  distilled.parquet: students (``fer-ray distill``)
+    budget.json         ``--time-limit``: the calibration, the plan, what the budget cut, each stage's time
     distill/<name>/     a student's run: the same tune/, train/, trials/ layout, plus teacher_train.parquet
     report/             leaderboard.csv, leaderboard.md, report.html
     footprint/<trial_id>/<run_id>.json   what a running Train run holds on the cluster (``fer_ray.footprint``)
@@ -43,6 +44,7 @@ from fer_ray.storage import Storage, join_uri, normalize, split_uri
 
 SWEEP, ROLES, DATA = "sweep.yaml", "split_roles.json", "data.json"
 TRIALS, DISTILLED, PARETO, LIBRARY = "trials.parquet", "distilled.parquet", "pareto.csv", "library.parquet"
+BUDGET = "budget.json"
 TUNE, TRAIN, REPORT, LOGITS, ENSEMBLES = "tune", "train", "report", "logits", "ensembles"
 HISTORY, METRICS = "history.json", "metrics.parquet"
 MARKER = ".fer_ray"
@@ -226,6 +228,13 @@ class Experiment(Storage):
 
     def write_pareto(self, df: pd.DataFrame) -> str:
         return self.write_text(PARETO, df.to_csv(index=False))
+
+    def budget(self) -> dict | None:
+        """``budget.json`` (``fer_ray.budget``) of a run with a time limit, else ``None``."""
+        return self.read_json(BUDGET) if self.is_file(BUDGET) else None
+
+    def write_budget(self, info: dict) -> None:
+        self.write_json(BUDGET, info)
 
     # -- logit store -----------------------------------------------------------------------------------------
     def logits_rel(self, member: str, split: str) -> str:

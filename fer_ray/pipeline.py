@@ -1,5 +1,6 @@
 """The end-to-end flow over one experiment: sweep → TTA logits → ensemble → leaderboard.
 
+With a time limit (``fer_ray.budget``) the run is calibrated and planned first and each stage's time recorded.
 Each stage reads what the previous one wrote into the experiment (``fer_ray.experiment``: a local folder or a bucket
 URI), so any stage can be re-run alone from the CLI without re-running the ones before it.
 """
@@ -10,6 +11,7 @@ import time
 
 import pandas as pd
 
+from fer_ray import budget
 from fer_ray.config import SweepConfig
 from fer_ray.data import prepare_dataset
 from fer_ray.data.dataset import fingerprint
@@ -50,26 +52,48 @@ def report_stage(exp: Experiment | str, out: str | None = None) -> pd.DataFrame:
 
 
 def run_all(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num_cpus: int | None = None,
-            sweep_only: bool = False, verbose: bool = False) -> pd.DataFrame | None:
+            sweep_only: bool = False, verbose: bool = False, started: float | None = None,
+            limit_source: str = "time_limit") -> pd.DataFrame | None:
     """Sweep, then TTA, ensemble and leaderboard; prints progress and the leaderboard (``verbose``: Ray's trial
-    tables and worker logs too)."""
+    tables and worker logs too).
+
+    With ``cfg.time_limit`` the whole run is held to it (``fer_ray.budget``): calibrated and planned before the
+    sweep (``budget.json``), the sweep's deadline enforced at epoch boundaries, each stage's time recorded.
+    ``started``: the command's start on ``time.monotonic`` (default: now), from which the limit counts;
+    ``limit_source`` names the limit in messages (``--time-limit``). On ``--resume`` the limit is this
+    invocation's: Tune restores the experiment's trials and epochs, and the new deadline holds them."""
     exp = as_experiment(exp)
     t0 = time.perf_counter()
+    stages = budget.StageClock(time.monotonic() if started is None else started)
     prepared = prepare_dataset(cfg.data)  # loaded, deduplicated and split once for the sweep and the TTA stage
-    trials = run_sweep(cfg, exp, resume=resume, num_cpus=num_cpus, prepared=prepared, verbose=verbose)
+    limit, deadline = cfg.time_limit_s(), None
+    if limit is not None:
+        cfg, deadline = budget.start(cfg, exp, *prepared, limit, stages, limit_source, resumed=resume,
+                                     num_cpus=num_cpus)
+    trials = run_sweep(cfg, exp, resume=resume, num_cpus=num_cpus, prepared=prepared, verbose=verbose,
+                       deadline=deadline)
+    stages.mark("sweep")
     print(f"[sweep] {len(trials)} trials in {time.perf_counter() - t0:.0f}s → {exp.uri_of('trials.parquet')}",
           flush=True)
     if sweep_only or trials.empty:
+        if limit is not None:
+            print(f"[budget] {budget.finish(exp, stages, final=True)}", flush=True)
         return None
     tta_stage(exp, prepared=prepared)
+    stages.mark("tta")
     ensemble_stage(exp, min(cfg.ensemble_top_k, len(trials)))
     # Caruana greedy selection over every trial and its checkpoint library, on validation NLL, with temperature
     # scaling (val only).
     run_ensemble(exp, EnsembleSpec(name="greedy_nll", members={"top_k": len(exp.members()), "pool": "library"},
                                    combiner="greedy",
                                    greedy_metric="nll", temperature=True))
+    if limit is not None:  # the report's budget line: the stages so far
+        budget.finish(exp, stages)
     board = report_stage(exp)
     print(format_table(board), flush=True)
     log_summary(cfg.wandb, cfg.wandb_project, exp, trials, board)
+    if limit is not None:
+        stages.mark("ensembles_report")
+        print(f"[budget] {budget.finish(exp, stages, final=True)}", flush=True)
     print(f"[done] {time.perf_counter() - t0:.0f}s total; report: {exp.uri_of('report')}", flush=True)
     return board

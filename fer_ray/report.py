@@ -9,16 +9,19 @@ annotated, reliability diagrams of the best ensemble before/after temperature sc
 per-class recall (on the first report split and on every external dataset ``fer-ray evaluate`` added), and ASHA's
 trial curves. The page's leaderboard shows the key columns (``key_columns``) in one table that fits a 1400-px
 window; every other column sits in a second table behind a ``<details>`` toggle (``scripts/screenshot_report.py``
-checks the fit in headless Chromium).
+checks the fit in headless Chromium). A run with a time limit adds its budget line (``fer_ray.budget.summary_line``)
+above the leaderboard and a ``budget_cut`` column (an entry the limit stopped early, or with such a member).
 """
 
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 
 import numpy as np
 import pandas as pd
 
+from fer_ray.budget import summary_line
 from fer_ray.data import CLASSES
 from fer_ray.ensemble import fit_temperature, member_logits, pareto_front, stale_reason
 from fer_ray.experiment import Experiment, as_experiment
@@ -56,6 +59,7 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
     select = next(s for s, r in roles.items() if r == "select")
     trials = member_table(exp)
     store = load_store(exp)
+    cut = "budget_cut" in trials.columns and exp.budget() is not None  # a time limit: say which entries it cut
     rows = []
     for member, per_split in store.items():
         any_set = next(iter(per_split.values()))
@@ -73,11 +77,15 @@ def leaderboard(exp: Experiment | str) -> pd.DataFrame:
                    "total_gmacs": info["total_gmacs"], "combiner": info["combiner"] + (
                        "+T" if info.get("fitted", {}).get("temperature") else ""),
                    "selected_on": info.get("selected_on", select)}
+            if cut:
+                row["budget_cut"] = bool(t.budget_cut.eq(True).any())
         else:
             t = trials.loc[member]
             row = {"name": member, "kind": t.kind, "members": member, "arch": t.arch, "img_size": str(t.img_size),
                    "tta_views": len(any_set.views), "params": int(t.params), "gmacs": float(t.gmacs),
                    "total_gmacs": float(t.gmacs) * len(any_set.views), "combiner": "", "selected_on": select}
+            if cut:
+                row["budget_cut"] = t.get("budget_cut") in (True, 1)  # NaN (a distilled student): no
             if isinstance(t.get("mutations"), str) and t.get("mutations") != "[]":  # population-based training
                 row["mutations"] = mutation_schedule(json.loads(t.mutations))
         for split in split_order(roles):
@@ -308,7 +316,10 @@ def write_report(exp: Experiment | str, out: str | None = None, board: pd.DataFr
     roles = exp.roles()
     board = leaderboard(exp) if board is None else board
     role_line = "Split roles: " + ", ".join(f"{s} = {r}" for s, r in roles.items())
-    markdown = f"{role_line}\n\n" + board.to_markdown(index=False, floatfmt=".4f") + "\n"
+    info = exp.budget()
+    budget_line = summary_line(info) if info and "plan" in info else ""
+    head = f"{role_line}\n\n" + (f"Time budget: {budget_line}\n\n" if budget_line else "")
+    markdown = head + board.to_markdown(index=False, floatfmt=".4f") + "\n"
     paths = {"csv": folder.write_text("leaderboard.csv", board.to_csv(index=False)),
              "md": folder.write_text("leaderboard.md", markdown)}
     figs = _plots(exp, board, roles) if not board.empty else {}
@@ -323,6 +334,9 @@ def write_report(exp: Experiment | str, out: str | None = None, board: pd.DataFr
             "img{max-width:100%;height:auto}</style></head><body>",
             f"<h1>fer_ray report: {exp.name}</h1><p><b>{role_line}</b>. Selection and ensemble fitting used only the "
             "select split. Efficiency = report accuracy % / (2 × total GMACs).</p>",
+            *([f"<p id='budget'><b>Time budget</b>: {html_escape(budget_line)} (<code>budget.json</code>; "
+               "<code>budget_cut</code>: stopped early by the time limit, ranked on its completed epochs).</p>"]
+              if budget_line else []),
             *_html_tables(board, roles)]
     html += [f"<h2>{title}</h2><img src='{uri}'/>" for title, uri in figs.items()]
     paths["html"] = folder.write_text("report.html", "\n".join(html) + "</body></html>\n")

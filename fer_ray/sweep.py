@@ -4,8 +4,8 @@ TorchTrainer run (the Train V2 pattern), in the Ray session ``fer_ray.cluster`` 
 ``run_sweep`` writes into an ``Experiment`` (``fer_ray.experiment`` owns the layout; its root may be a local path,
 NFS or a bucket URI): the resolved ``sweep.yaml``, ``split_roles.json``, ``data.json``, Tune's state in ``tune/``,
 each DDP trial's Ray Train run in ``train/train_<trial_id>/``, per-trial ``history.json`` and, at the end,
-``trials.parquet`` (one row per trial: arch, img_size, params, GMACs, best val acc/epoch, checkpoint location;
-the model's size and compute as its checkpoint recorded them when training built it).
+``trials.parquet`` (one row per trial: arch, img_size, params, GMACs, best val acc/epoch, whether a time limit cut
+it, checkpoint location; the model's size and compute as its checkpoint recorded them when training built it).
 
 A trial driver (a Tune function trainable holding 0.1 CPU) builds and fits the TorchTrainer; the Train
 ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the scheduler (on ``epoch``, ranking
@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
 
-from fer_ray import cluster
+from fer_ray import budget, cluster
 from fer_ray.checkpoint import checkpoint_profile, load_checkpoint
 from fer_ray.config import SweepConfig, TrainConfig, sampler_of, set_path
 from fer_ray.data import CLASSES, prepare_dataset
@@ -153,16 +153,43 @@ class EpochLines(tune.Callback):
         print(f"[{trial.trial_id}] failed: {trial.error_file or 'see the Tune log'}", flush=True)
 
 
+class BudgetGuard(tune.Stopper, tune.Callback):
+    """A time limit's deadline (``fer_ray.budget.SweepDeadline``) in Tune: asked after every result (a trial whose
+    next epoch would end after the deadline stops at this epoch boundary) and after every step of Tune's loop (the
+    sweep ends at the deadline, or once no trial could finish an epoch), and told which trials run. Every sweep
+    carries one, inert without a time limit: Tune restores its stopper with the experiment on ``--resume``, so the
+    guard holds no deadline of its own and enforces the one ``fer_ray.budget.arm`` set for this invocation."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        deadline = budget.armed()
+        return deadline is not None and deadline.stop_trial(trial_id, result)
+
+    def stop_all(self) -> bool:
+        deadline = budget.armed()
+        return deadline is not None and deadline.stop_sweep()
+
+    def setup(self, **info) -> None:
+        deadline = budget.armed()
+        if deadline is not None:
+            deadline.guarded = True
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        deadline = budget.armed()
+        if deadline is not None:
+            deadline.running = {t.trial_id for t in trials if t.status == Trial.RUNNING}
+
+
 def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num_cpus: int | None = None,
               verbose: bool = False, prepared: tuple | None = None, group: str = "",
-              data_ref=None) -> pd.DataFrame:
+              data_ref=None, deadline: budget.SweepDeadline | None = None) -> pd.DataFrame:
     """Run (or resume) the sweep into ``exp`` and return the per-trial summary (``trials.parquet``).
 
     ``prepared``: ``fer_ray.data.prepare_dataset(cfg.data)``'s result when the caller already holds it. ``group``:
     run the trials under this prefix of the experiment, without writing its set-up files or ``trials.parquet``
     (``fer-ray distill``), with ``data_ref`` (an object-store reference from ``fer_ray.cluster.put_dataset``) as the
     shared dataset.
-    ``verbose``: Ray's trial tables and worker logs too (else one line per trial epoch).
+    ``verbose``: Ray's trial tables and worker logs too (else one line per trial epoch). ``deadline``: the time
+    limit's (``fer_ray.budget``), enforced by ``BudgetGuard``; what it cut goes to ``budget.json``.
     """
     from fer_ray import footprint
     from fer_ray.models import check_model_names
@@ -195,6 +222,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
         tuner = tune.Tuner.restore(tune_uri, trainable=trainable, resume_errored=True)
     else:
         running = concurrency(cfg)
+        guard = BudgetGuard()  # one object: Tune's stopper and a callback
         # Synchronous successive halving pauses trials, which a searcher counts as live until they finish: the
         # scheduler caps how many run at once, and the searcher may propose every trial of the bracket.
         tuner = tune.Tuner(
@@ -211,12 +239,16 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
                                       checkpoint_config=tune.CheckpointConfig(
                                           **(CHECKPOINT_KEEP if cfg.keep_checkpoints == "best" and
                                              cfg.scheduler != "pbt" else KEEP_ALL)),
-                                      callbacks=[EpochLines(), footprint.ReleaseStopped(exp),
+                                      stop=guard,
+                                      callbacks=[EpochLines(), footprint.ReleaseStopped(exp), guard,
                                                  *tune_callbacks(cfg.wandb, cfg.wandb_project, exp)]))
     try:
-        tuner.fit()
+        with budget.arm(deadline):
+            tuner.fit()
     finally:  # every stopped trial's placement group and resource request, so the cluster can scale down
         footprint.release_quietly(exp, wait_s=30)
+        if deadline is not None:
+            budget.record_deadline(exp, deadline)
     return collect_trials(exp, cfg, group)
 
 
@@ -229,13 +261,14 @@ def policy_epochs(keep: str | dict, epochs: list[int]) -> set[int]:
 
 
 def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None = None,
-              keep: str | dict = "best", final: bool = False) -> tuple[dict, list[dict]]:
+              keep: str | dict = "best", final: bool = False, budget_cut: bool = False) -> tuple[dict, list[dict]]:
     """One trial's summary from its history and its best checkpoint (chosen by ``fer_ray.loop.best_entry``), and
     its checkpoint-library members (``library_rows``); checkpoints outside the library are deleted here.
 
     ``final`` (population-based training): the trial is its latest checkpoint, scored by its last epoch, since its
     earlier epochs may be another trial's (an exploit copies the donor's history); ``mutations`` lists the exploit
-    steps of its lineage (JSON, ``[]`` without)."""
+    steps of its lineage (JSON, ``[]`` without). ``budget_cut``: the time limit stopped the trial before its
+    scheduler would have (``budget.json``); its numbers are those of its completed epochs."""
     checkpoints = exp.checkpoints(trial_id, group)
     if not checkpoints:
         raise FileNotFoundError(f"{exp.uri}: trial {trial_id} has a history but no checkpoint")
@@ -267,7 +300,8 @@ def trial_row(exp: Experiment, trial_id: str, group: str = "", max_t: int | None
     row = {"trial_id": trial_id, "arch": tc.model, "img_size": profile["img_size"], "in_chans": profile["in_chans"],
            "params": profile["params"], "gmacs": profile["gmacs"], "best_val_acc": best["val_acc"],
            "best_epoch": best["epoch"], "epochs_run": len(history),
-           "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "checkpoint": location,
+           "stopped_early": len(history) < min(tc.epochs, max_t or tc.epochs), "budget_cut": budget_cut,
+           "checkpoint": location,
            "config": json.dumps(train_cfg, sort_keys=True),
            "mutations": json.dumps(ckpt.get("mutations", []))}  # population-based training's exploit steps
     row |= where_trained(history)  # the node (and GPU type) its last epoch trained on
@@ -297,8 +331,10 @@ def collect_trials(exp: Experiment | str, cfg: SweepConfig | None = None, group:
     exp = as_experiment(exp)
     cfg = cfg or exp.sweep()
     rows, library, pbt = [], [], cfg.scheduler == "pbt"
+    cut = (exp.budget() or {}).get("cut_trials", {}) if not group else {}
     for t in exp.trial_ids(group):
-        row, lib = trial_row(exp, t, group, None if pbt else cfg.asha.max_t, cfg.keep_checkpoints, final=pbt)
+        row, lib = trial_row(exp, t, group, None if pbt else cfg.asha.max_t, cfg.keep_checkpoints, final=pbt,
+                             budget_cut=t in cut)
         rows.append(row)
         library += lib
     df = pd.DataFrame(rows)
