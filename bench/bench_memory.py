@@ -119,7 +119,7 @@ def main() -> None:
                    help="synthetic dataset sizes (default 20000 80000); two or more give the slope")
     p.add_argument("--concurrent", type=int, default=4, help="trials running at once in the 8-trial sweep")
     args = p.parse_args()
-    sizes = [150, 300] if args.smoke else args.images  # smoke: two sizes still, so the slopes are computed
+    sizes = [150] if args.smoke else args.images  # smoke: one size (each size is two sweeps); no slope
     tmp = Path(tempfile.mkdtemp(prefix="fer_bench_mem_"))
     try:
         init_ray(num_cpus=2)

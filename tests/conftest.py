@@ -6,13 +6,17 @@ and markers the suite runs in.
   starting a Ray of their own: one Ray per host, as in ``ray job submit``.
 - ``no_session_ray`` (per module): for the few tests that must build their own Ray cluster
   (``ray.cluster_utils.Cluster``, the autoscaler, per-GPU-type nodes): it stops the session's Ray while they run
-  (and starts it again only if a later test needs it). Those modules run last: their other tests use the session's
-  Ray, which must be the session's own local one, not a cluster of theirs still connected.
-- Order (``pytest_collection_modifyitems``, by module, modules kept whole): the ``LONG`` modules, other modules with a
-  Ray or subprocess test, the rest, then the own-cluster modules. Under ``pytest -n 2 --dist loadgroup
-  --no-loadscope-reorder`` (``make test``) each module is one unit of work for one worker, handed out in that
+  (and starts it again only if a later test needs it). Those modules (``OWN_CLUSTER``) are one unit of work, run
+  first on one worker while the other starts the long modules.
+- Order (``pytest_collection_modifyitems``, by module, modules kept whole): the own-cluster modules (one unit of
+  about six minutes: last, it ran alone while the other worker idled), the ``LONG`` modules, other modules with a
+  Ray or subprocess test, then the rest. Under ``pytest -n 2 --dist loadscope
+  --no-loadscope-reorder`` (``make test``) the units of work (``unit_of``: a module; the ``OWN_CLUSTER`` modules
+  together, one after another on one worker; each test of a ``SPREAD`` module alone) are handed out in that
   order, so the long units start first and the short ones fill the gaps; each worker has its own session Ray.
-  Modules in ``SPREAD`` (independent tests, no module fixtures) are handed out test by test.
+  The units are this file's scheduler (``pytest_xdist_make_scheduler``), not ``xdist_group`` marks: pytest 9
+  keeps a node's id where xdist 3.8's ``--dist loadgroup`` cannot append the group, so those marks split modules
+  over workers and every module fixture ran once per worker.
 - Markers: ``ray`` (starts or joins Ray), set here from the fixtures a test uses, and ``subprocess`` (runs a
   command in a child process), set by the test; ``make test-fast`` deselects both.
 """
@@ -24,6 +28,15 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries when offline
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Each xdist worker computes on its share of the cores: two workers' torch at two intra-op threads each on two
+    # cores spun against each other (an in-process training test took 250 s beside another worker, 37 s alone).
+    # Child processes (CLI drivers, benchmark smokes) inherit it; Ray trials set their own (cpus_per_worker).
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    import torch
+
+    torch.set_num_threads(_threads)
 
 RAY_FIXTURES = {"ray_session", "session_env", "no_session_ray"}
 """Fixtures that start or join Ray: their tests get the ``ray`` marker."""
@@ -37,6 +50,28 @@ LONG = ("test_s3.py", "test_gpu_check.py", "test_fault_tolerance.py", "test_pipe
 is the last unit of a run."""
 SPREAD = {"test_bench_smoke.py"}
 """Modules whose tests are independent subprocess runs: under xdist each test is its own unit of work."""
+OWN_CLUSTER = {"test_autoscaling.py", "test_local_nodes.py", "test_lost_node.py", "test_placement.py"}
+"""The modules that build their own Ray cluster (``no_session_ray``): one unit of work, so that they run one after
+another on one worker. Two own clusters at once on a host, each with its own placement-group cleaner and
+autoscaler, have removed each other's placement groups."""
+
+
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to under xdist: its module, ``own_cluster``, or itself (``SPREAD``)."""
+    module = nodeid.split("::", 1)[0]
+    name = module.rsplit("/", 1)[-1]
+    return "own_cluster" if name in OWN_CLUSTER else nodeid if name in SPREAD else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return Units(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,19 +81,16 @@ def pytest_collection_modifyitems(config, items):
         if RAY_FIXTURES & names:
             item.add_marker(pytest.mark.ray)
         module = item.getparent(pytest.Module)
-        if OWN_RAY_FIXTURES & set(module.fixturenames if hasattr(module, "fixturenames") else ()) or any(
-                OWN_RAY_FIXTURES & set(i.fixturenames) for i in items if i.getparent(pytest.Module) is module):
-            # Own clusters one after another on one worker: two of them at once on a host, each with its own
-            # placement-group cleaner and autoscaler, have removed each other's placement groups.
-            item.add_marker(pytest.mark.xdist_group("own_cluster"))
-        elif module.path.name not in SPREAD:
-            item.add_marker(pytest.mark.xdist_group(module.nodeid))
-        heavy = 3 if OWN_RAY_FIXTURES & names else 1 if (RAY_FIXTURES & names or item.get_closest_marker(
-            "subprocess")) else 2
-        if heavy == 1 and module.path.name in LONG:
+        if OWN_RAY_FIXTURES & names and module.path.name not in OWN_CLUSTER:
+            raise pytest.UsageError(f"{module.path.name} builds its own Ray cluster: add it to OWN_CLUSTER in "
+                                    "tests/conftest.py")
+        if module.path.name in OWN_CLUSTER:
+            heavy = 0.0
+        elif module.path.name in LONG:
             heavy = 0.5 + LONG.index(module.path.name) / 10
-        rank[module] = max(rank.get(module, 0), heavy) if heavy == 3 or rank.get(module) == 3 else min(
-            rank.get(module, 2), heavy)
+        else:
+            heavy = 1 if (RAY_FIXTURES & names or item.get_closest_marker("subprocess")) else 2
+        rank[module] = min(rank.get(module, 2), heavy)
     items.sort(key=lambda item: rank[item.getparent(pytest.Module)])  # stable: modules stay whole and in order
     _ITEMS[:] = items
 

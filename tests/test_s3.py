@@ -3,8 +3,8 @@
 The fast test drives ``Experiment``/``Storage``, checkpoints and the logit store against the bucket. The slow one
 runs the CLI as a user would with ``--out s3://...?endpoint_override=...``: a sweep (one in-process trial, one DDP
 trial) interrupted with SIGINT, ``--resume``d to the end (TTA, ensembles, report), then ``tta``, ``ensemble``,
-``report`` and ``evaluate`` on the bucket; it lists the bucket against the layout and checks that no checkpoint
-was written to the local disk.
+``report`` and ``evaluate`` on the bucket (through ``fer_ray.cli.main`` in the test's process); it lists the bucket
+against the layout and checks that no checkpoint was written to the local disk.
 """
 
 import signal
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fer_ray.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, make_payload, write_checkpoint
+from fer_ray.cli import main
 from fer_ray.data.synthetic import generate, write_csv
 from fer_ray.experiment import Experiment
 from fer_ray.models import create_model
@@ -78,7 +79,7 @@ def _bucket_files(uri: str) -> list[str]:
 
 @pytest.mark.ray
 @pytest.mark.subprocess
-def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path, session_env):
+def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path, session_env, monkeypatch, capsys):
     work = tmp_path / "work"  # the subprocesses' working folder: it must get no checkpoint
     work.mkdir()
     cfg = tmp_path / "s3exp.yaml"
@@ -139,13 +140,17 @@ def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path, sessio
     for t in trials.index:  # CheckpointConfig: the best epoch and the latest, nothing else
         assert set(exp.checkpoints(t)) == {int(trials.loc[t, "best_epoch"]), 3}
 
-    run("tta", exp.uri, "--views", "identity", "hflip", "shift1,0")
+    # The follow-up commands in this process (joined to the same Ray), from the same working folder: the sweep's
+    # two drivers above are the processes a user starts; four more interpreter start-ups would prove nothing new.
+    monkeypatch.chdir(work)
+    assert main(["tta", exp.uri, "--views", "identity", "hflip", "shift1,0"]) == 0
     assert read_logits(exp, ddp, "val").views == ["identity", "hflip", "shift1,0"]
-    run("ensemble", exp.uri, "--top-k", "2", "--combiner", "nll_weights")
-    run("report", exp.uri)
+    assert main(["ensemble", exp.uri, "--top-k", "2", "--combiner", "nll_weights"]) == 0
+    assert main(["report", exp.uri]) == 0
     ext = write_csv(tmp_path / "other.csv", generate(70, seed=5))
-    out = run("evaluate", exp.uri, "--data", str(ext))
-    assert "acc_ext_other" in out
+    capsys.readouterr()
+    assert main(["evaluate", exp.uri, "--data", str(ext)]) == 0
+    assert "acc_ext_other" in capsys.readouterr().out
     board = pd.read_csv(exp.fs.open_input_stream(exp.path("report/leaderboard.csv")))
     assert {"top2_nll_weights", "top2_mean_logits", "greedy_nll", ddp, local} <= set(board.name)
     assert board["acc_ext_other"].notna().all() and exp.roles()["ext_other"] == "report"
