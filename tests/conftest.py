@@ -25,9 +25,15 @@ import os
 
 import pytest
 
+from fer_ray.testing import S3_ENV
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries when offline
+# The loopback bucket's fake credentials from the start (``s3_server``): a session Ray started before the first S3
+# test forwards them to its workers too (``fer_ray.cluster.FORWARDED_ENV`` at ``init_ray``), so in-process drivers
+# reach the bucket from their trials and tasks whatever the order the tests run in.
+os.environ.update(S3_ENV)
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # Each xdist worker computes on its share of the cores: two workers' torch at two intra-op threads each on two
     # cores spun against each other (an in-process training test took 250 s beside another worker, 37 s alone).

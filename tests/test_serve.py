@@ -116,7 +116,7 @@ def test_bad_requests_are_400s(server):
 
 def test_serve_from_a_bucket_uri(server, s3_server):
     """The bundle exported into a bucket, served by URI as a second app: the replica loads it from the bucket itself
-    (the storage credentials travel in its runtime_env, whether or not the session's Ray was started with them) and
+    (the storage credentials travel in its runtime_env, checked directly: the suite's session Ray has them too) and
     answers a real POST as the folder's app does; a URI with no bundle stops with one line before anything is
     deployed."""
     from fer_ray import serve as fer_serve
@@ -126,6 +126,9 @@ def test_serve_from_a_bucket_uri(server, s3_server):
 
     url, _, root = server
     port = int(url.rsplit(":", 1)[1])
+    forwarded = fer_serve._replica_options(s3_server, 1, 1.0)["runtime_env"]["env_vars"]
+    assert forwarded["AWS_ACCESS_KEY_ID"] == "testing" and "runtime_env" not in fer_serve._replica_options(
+        str(root), 1, 1.0)
     missing = join_uri(s3_server, "serve", "nothing")
     with pytest.raises(BundleError, match="no bundle at this location") as e:
         fer_serve.start(missing, port=port, name="fer_ray_missing", route_prefix="/missing")
