@@ -1,6 +1,7 @@
 """Helpers the tests and benchmarks share: a real S3-compatible server (moto's server mode) on loopback, a TCP
 proxy in front of it that can take the bucket away (``flaky_proxy``: refused connections, slow responses), and a
-real autoscaling Ray cluster on this one machine (Ray's own autoscaler driving its fake multi-node provider).
+real autoscaling Ray cluster on this one machine (Ray's own autoscaler driving its fake multi-node provider), and
+the small synthetic ``arrays`` a ``fer_ray.loop.TrainingRun`` takes (``run_arrays``).
 
 ``s3_server`` needs the ``dev`` extra (``moto[server]``). Nothing in the pipeline imports this module.
 """
@@ -24,6 +25,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fer_ray.nodes import end_session, free_port
+
+
+def run_arrays(n: int = 96, n_train: int = 64, seed: int = 0) -> dict:
+    """``n`` synthetic faces as a ``TrainingRun``'s ``arrays``: a seeded shuffle, the first ``n_train`` for
+    training, the rest for validation."""
+    import numpy as np
+
+    from fer_ray.data.synthetic import generate
+
+    data = generate(n, seed=seed)
+    idx = np.random.default_rng(seed).permutation(n)
+    return {"images": data.images, "labels": data.labels, "splits": {"train": idx[:n_train], "val": idx[n_train:]}}
+
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}

@@ -1,24 +1,17 @@
 """EMA weights are one training hook (``fer_ray.loop.EMA``): updated every step, evaluated every epoch beside the
 raw weights, checkpointed, restored exactly on resume, and loadable as their own model."""
 
-import numpy as np
 import torch
 
 from fer_ray.checkpoint import model_from_checkpoint
 from fer_ray.config import TrainConfig
-from fer_ray.data.synthetic import generate
 from fer_ray.loop import EMA, TrainingRun
-
-
-def _arrays(n: int = 96) -> dict:
-    data = generate(n, seed=0)
-    idx = np.random.default_rng(0).permutation(n)
-    return {"images": data.images, "labels": data.labels, "splits": {"train": idx[:64], "val": idx[64:]}}
+from fer_ray.testing import run_arrays
 
 
 def test_ema_is_evaluated_checkpointed_and_resumed_exactly():
     cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=3, batch_size=16, num_workers=0, ema={"decay": 0.9})
-    arrays, cpu = _arrays(), torch.device("cpu")
+    arrays, cpu = run_arrays(), torch.device("cpu")
     straight = TrainingRun(cfg, arrays, cpu)
     hook = EMA(cfg.ema.decay)
     history = straight.fit([hook])

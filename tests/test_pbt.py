@@ -5,14 +5,13 @@ on the session's Ray (synchronous, so every interval's bottom trial exploits) th
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from fer_ray.config import ConfigError, SweepConfig, TrainConfig
-from fer_ray.data.synthetic import generate
 from fer_ray.loop import TrainingRun
 from fer_ray.schedulers import ClipToBounds, make_scheduler
+from fer_ray.testing import run_arrays
 from fer_ray.train import mutations_since
 
 BASE = {"name": "pbt", "data": {"synthetic_n": 300},
@@ -68,15 +67,9 @@ def test_the_scheduler_mutates_train_fields_inside_their_bounds():
     assert _cfg(asha={"max_t": 10}).scheduler == "pbt"  # ASHA's max_t is not PBT's: no epochs check
 
 
-def _arrays(n: int = 96) -> dict:
-    data = generate(n, seed=0)
-    idx = np.random.default_rng(0).permutation(n)
-    return {"images": data.images, "labels": data.labels, "splits": {"train": idx[:64], "val": idx[64:]}}
-
-
 @pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
 def test_a_restored_run_goes_on_at_its_own_lr_and_weight_decay(scheduler):
-    arrays, cpu = _arrays(), torch.device("cpu")
+    arrays, cpu = run_arrays(), torch.device("cpu")
     donor_cfg = TrainConfig(model="basic_cnn", img_size=32, epochs=4, batch_size=16, num_workers=0, lr=1e-3,
                             weight_decay=1e-4, scheduler=scheduler, warmup_epochs=1 if scheduler == "cosine" else 0)
     donor = TrainingRun(donor_cfg, arrays, cpu)
