@@ -439,7 +439,7 @@ def plan(cfg: SweepConfig, cal: Calibration, sizes: Sizes, limit_s: float, elaps
     if not resumed:
         shape, cuts = _cut(cfg, est, shape, fits)
     stages = est.stages(shape)
-    if not fits(shape):
+    if not fits(shape) and not resumed:  # resumed: the estimate is the whole sweep's, not what is left of it
         cuts.append(f"estimate still {format_duration(sum(stages.values()) - budget)} over: the deadline decides")
     reserve = stages["tta"] + stages["ensembles_report"]
     shares = {"calibration": elapsed_s, "sweep": max(0.0, budget - reserve), "tta": stages["tta"],

@@ -276,8 +276,9 @@ E2E = {"name": "budgeted", "train": {"model": "basic_cnn", "epochs": 2, "batch_s
 @pytest.mark.ray
 def test_a_budgeted_sweep_applies_its_plan_and_says_what_it_cut(tmp_path, ray_session, monkeypatch):
     """A fake calibration (epochs of ~60 s at 32 px, ~150 s at 48 px) makes the 220-s plan cut a trial and the 48-px
-    candidate; the real sweep is far faster than that, so the deadline cuts no trial. Then a cut recorded in
-    budget.json becomes the trial's budget_cut."""
+    candidate; the real sweep is far faster than that, so the deadline cuts no trial. A ``--resume`` with a limit
+    re-plans only the shares; a cut recorded in budget.json becomes the trial's budget_cut."""
+    from fer_ray.experiment import Experiment
     from fer_ray.pipeline import run_all
     from fer_ray.sweep import collect_trials
 
@@ -301,6 +302,15 @@ def test_a_budgeted_sweep_applies_its_plan_and_says_what_it_cut(tmp_path, ray_se
     md = (exp / "report" / "leaderboard.md").read_text()
     assert "Time budget: time limit 3m40s" in md and "plan cut num_samples 3 → 2, img_size 48 dropped" in md
     assert "id='budget'" in (exp / "report" / "report.html").read_text()
+
+    # --resume with a limit: Tune restores the trials (nothing cut again, nothing left to run), and the guard it
+    # unpickles enforces this invocation's deadline.
+    resumed = Experiment(exp).sweep().replace(time_limit="10m")
+    run_all(resumed, exp, resume=True, limit_source="--time-limit")
+    info2 = json.loads((exp / "budget.json").read_text())
+    assert info2["plan"]["resumed"] and info2["plan"]["cuts"] == [] and info2["guarded"] is True
+    assert info2["plan"]["source"] == "--time-limit" and info2["limit_s"] == 600
+    assert len(pd.read_parquet(exp / "trials.parquet")) == 2
 
     cut = trials.trial_id[0]
     (exp / "budget.json").write_text(json.dumps(info | {"cut_trials": {cut: {"epoch": 1, "of": 2, "why": "test"}}}))
