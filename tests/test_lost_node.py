@@ -12,7 +12,8 @@
   Opt-in (``FER_RAY_LOST_NODE=1``) while it fails on Ray 2.60: Tune retries the trial, but the v1 autoscaler never
   replaces the killed fake node (its status tag stays ``uninitialized``, so it is neither terminated as unhealthy
   nor given up as pending capacity); ``FER_RAY_LOST_NODE_V1=1`` runs it on the v1 autoscaler, the default here asks
-  for autoscaler v2 (``RAY_enable_autoscaler_v2=1``), not yet seen to start on this machine.
+  for autoscaler v2 (``RAY_enable_autoscaler_v2=1``), which on Ray 2.60 launches no fake node at all
+  (docs/cluster-autoscaling.md, A lost node).
 - ``test_scoring_tasks_retry_lost_nodes``: the TTA stage's tasks are submitted with retries on a lost worker or
   node (``fer_ray.inference.task_options``; Ray re-runs a task whose node dies when ``max_retries`` > 0).
 """
