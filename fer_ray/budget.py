@@ -3,7 +3,8 @@ sweep's deadline.
 
 A time limit covers the whole run (data preparation, calibration, sweep, TTA, ensembles, report). This module owns:
 
-- ``parse_duration`` / ``format_duration``: ``45m``, ``90s``, ``1.5h``, ``1h30m`` or plain seconds.
+- durations (``45m``, ``90s``, ``1.5h``, ``1h30m`` or plain seconds) are ``fer_ray.durations``, a leaf the config
+  imports too.
 - ``calibrate``: a short measurement of each (model, img_size) pair of the search space: training and inference
   images/s on a few fixed-size batches of the sweep's own data, with the base trial config (augmentation, AMP,
   batch size per DDP rank). It runs as **one Ray task with a trial's resources** (its GPU, or its CPUs:
@@ -33,12 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from fer_ray.config import ConfigError, SweepConfig, sampler_of
+from fer_ray.durations import format_duration
 
 Clock = Callable[[], float]
 
@@ -67,42 +68,7 @@ CAL_INFER_IMAGES = 512
 """Images timed for inference per (model, img_size), after a warm-up batch."""
 
 
-# -- durations -------------------------------------------------------------------------------------------------
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
-
-
-def parse_duration(value: str | float | int) -> float:
-    """Seconds in ``value``: a number of seconds (``600``, ``"600"``) or a duration (``"45m"``, ``"90s"``,
-    ``"1.5h"``, ``"1h30m"``). Anything else, zero or negative is a one-line ``ValueError`` naming the value."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration (write 45m, 90s, 1.5h or seconds)")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _PART.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text or len({u for _, u in parts}) < len(parts):
-                raise ValueError(f"{value!r} is not a duration (write 45m, 90s, 1.5h, 1h30m or seconds)") from None
-            seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{value!r} is not a positive duration")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """``seconds`` as a person reads it: ``41s``, ``7m12s``, ``10m``, ``1h05m``."""
-    s = int(round(max(0.0, seconds)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        m, s = divmod(s, 60)
-        return f"{m}m{s:02d}s" if s else f"{m}m"
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m"
+# Durations: fer_ray.durations (a leaf, so the config can parse time_limit without this module).
 
 
 def _at_least(seconds: float) -> str:

@@ -68,7 +68,7 @@ def _apply_overrides(cfg: SweepConfig, args) -> SweepConfig:
 
 def cmd_sweep(args) -> None:
     started = time.monotonic()  # a time limit counts from here
-    from fer_ray.budget import parse_duration
+    from fer_ray.durations import parse_duration
 
     limit = getattr(args, "time_limit", None)
     if limit is not None:

@@ -623,7 +623,7 @@ class SweepConfig(_Config):
         _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
         _check(self.ensemble_top_k >= 1, "ensemble_top_k", "must be >= 1")
         if self.time_limit is not None:
-            from fer_ray.budget import parse_duration  # torch- and Ray-free at module level
+            from fer_ray.durations import parse_duration
 
             try:
                 parse_duration(self.time_limit)
@@ -665,7 +665,7 @@ class SweepConfig(_Config):
 
     def time_limit_s(self) -> float | None:
         """``time_limit`` in seconds (``None``: no limit)."""
-        from fer_ray.budget import parse_duration
+        from fer_ray.durations import parse_duration
 
         return None if self.time_limit is None else parse_duration(self.time_limit)
 

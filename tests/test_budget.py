@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from fer_ray import budget
-from fer_ray.budget import Calibration, Rate, Sizes, SweepDeadline, format_duration, parse_duration, plan
+from fer_ray.budget import Calibration, Rate, Sizes, SweepDeadline, plan
 from fer_ray.config import ConfigError, SweepConfig
+from fer_ray.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("45m", 2700), ("90s", 90), ("1.5h", 5400), ("600", 600), (600, 600),
