@@ -109,8 +109,8 @@ class Plan:
         return cls(steps=12, batch=8, loss_window=3, ddp_steps=2, tta_images=16, models=["basic_cnn", "resnet_fer"],
                    tp_batch=16, tp_batch_large=8, tp_infer_batch=32, tp_target_s=0.15, mm_n=256,
                    correctness_img_size={"resnet_fer": 16, "timm/resnet18": 16}, acc_model="basic_cnn",
-                   synthetic_n=600, packing_s=1.0, packing_batch=16, tp_steps=4, acc_epochs=2, packing_steps=16,
-                   ray_synthetic_n=300)
+                   synthetic_n=600, packing_ks=(1, 2), packing_s=1.0, packing_batch=16, tp_steps=4, acc_epochs=2,
+                   packing_steps=16, ray_synthetic_n=300)
 
 
 @dataclass

@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from fer_ray.testing import ScriptRunner
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # bench_flops runs once, with --amp bf16 (the test below): that run is the plain smoke's fp32 run plus the bf16 arm.
@@ -14,14 +14,17 @@ SCRIPTS = sorted(s for s in BENCH.glob("bench_*.py") if s.stem != "bench_flops")
 
 
 # The benchmarks that use Ray join the session's (``session_env``: RAY_ADDRESS), as they would join a cluster: their
-# init_ray(num_cpus=...) then starts nothing. Run alone, each starts its own local Ray.
+# init_ray(num_cpus=...) then starts nothing. Run alone, each starts its own local Ray. Each smoke is a child process
+# forked from one that imported torch, Ray and fer_ray once (``ScriptRunner``), as ``python bench/X.py`` minus the
+# ~5-8 s of imports.
 pytestmark = pytest.mark.subprocess
+RUNNER = ScriptRunner()
 
 
 def run_smoke(script: str, out: Path, env: dict, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, script, "--smoke", *extra, "--out", str(out)], cwd=BENCH, env=env,
-                          capture_output=True, text=True, timeout=600)  # a hang guard only
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = RUNNER.run(BENCH / script, ["--smoke", *extra, "--out", str(out)], env=env, cwd=BENCH,
+                      timeout=600)  # a hang guard only
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
@@ -38,3 +41,15 @@ def test_flops_bench_compares_bf16_with_fp32_in_one_process(tmp_path):
     row = record["models"][0]
     assert row["img_per_s"] > 0 and row["fraction_of_mm_peak"] == row["gflops"] / record["mm_peak_gflops"]
     assert row["bf16_img_per_s"] > 0 and row["bf16_speedup"] == row["bf16_img_per_s"] / row["img_per_s"]
+
+
+def test_script_runner_is_python_running_the_script(tmp_path):
+    """What ``python script.py args`` gives: argv, the environment and folder asked for, stdout/stderr of the child's
+    file descriptors, the exit status (``sys.exit(3)``; 1 and the traceback on an exception)."""
+    script = tmp_path / "s.py"
+    script.write_text("import os, sys\nprint(sys.argv[1:], os.getcwd(), os.environ['X'])\nos.write(2, b'fd2')\n"
+                      "sys.exit(3) if sys.argv[1] == 'a' else 1 / 0\n")
+    proc = RUNNER.run(script, ["a"], env={"X": "y"}, cwd=tmp_path, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, f"['a'] {tmp_path} y\n", "fd2")
+    proc = RUNNER.run(script, ["b"], env={"X": "y"}, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr
