@@ -203,6 +203,23 @@ def test_the_sweep_ends_when_no_trial_could_finish_an_epoch_or_at_the_deadline()
     assert "completed epochs are kept" in d2.cut["a"]["why"]
 
 
+def test_the_record_counts_an_epoch_that_ended_at_the_deadline(tmp_path):
+    """The backstop cuts a trial from the last result Tune reported; an epoch that reached the trial's history after
+    that report is counted (measured: a 60-minute run recorded epoch 0 for a trial that kept one epoch)."""
+    from fer_ray.experiment import Experiment
+
+    exp = Experiment(str(tmp_path / "e"))
+    exp.write_budget({"cut_trials": {"old": {"epoch": 3, "of": 5, "why": "earlier invocation"}}})
+    exp.write_history("late", [{"epoch": 1}])
+    clock = FakeClock(100.0)
+    d = SweepDeadline(end=100.0, new_trial_s=30.0, max_epochs=5, clock=clock)
+    d.running, d.last_epoch = {"late", "never"}, {}
+    assert d.stop_sweep() and d.cut["late"]["epoch"] == 0
+    budget.record_deadline(exp, d)
+    cuts = exp.budget()["cut_trials"]
+    assert {t: c["epoch"] for t, c in cuts.items()} == {"old": 3, "late": 1, "never": 0}
+
+
 def test_tunes_adapter_enforces_the_armed_deadline_only():
     from fer_ray.sweep import BudgetGuard
 
