@@ -39,6 +39,14 @@ def run_arrays(n: int = 96, n_train: int = 64, seed: int = 0) -> dict:
     return {"images": data.images, "labels": data.labels, "splits": {"train": idx[:n_train], "val": idx[n_train:]}}
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` (a driver the test started) if it still runs, and wait for it: a test never leaves a child
+    behind for the tests that follow, and stops only what it started."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
 """Fake credentials for the loopback server (and no slow EC2 metadata lookups)."""

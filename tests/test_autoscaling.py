@@ -28,6 +28,7 @@ import yaml
 
 from fer_ray import footprint
 from fer_ray.experiment import Experiment
+from fer_ray.testing import reap
 
 REPO = Path(__file__).resolve().parent.parent
 REPRO = os.environ.get("FER_RAY_REPRO_NO_RELEASE") == "1"
@@ -302,9 +303,7 @@ def test_sweep_on_autoscaling_cluster(tmp_path, asc):
         try:
             first_up, most, seen = _watch_sweep(ray, driver, exp, t0)
         finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.wait()
+            reap(driver)
     t_done = time.time()
     print(f"[autoscaling] submit → first worker up {first_up - t0:.1f}s; {most} workers at most; driver "
           f"{'killed' if REPRO else 'done'} after {t_done - t0:.1f}s", flush=True)

@@ -20,6 +20,7 @@ from fer_ray.data import FERData, split_indices
 from fer_ray.data.synthetic import generate
 from fer_ray.experiment import Experiment
 from fer_ray.lease import LEASE
+from fer_ray.testing import reap
 from fer_ray.train import make_trainer
 
 pytestmark = pytest.mark.ray
@@ -57,9 +58,7 @@ def _kill_when(proc: subprocess.Popen, ready, sig: int, timeout_s: float = 240) 
         proc.send_signal(sig)
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:  # never leave a driver behind for the tests that follow
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 @pytest.mark.subprocess

@@ -31,6 +31,7 @@ import pytest
 
 from fer_ray.experiment import Experiment
 from fer_ray.nodes import session_pids
+from fer_ray.testing import reap
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = """
@@ -156,9 +157,7 @@ def test_lost_node_mid_trial(tmp_path, no_session_ray, monkeypatch, request):
                 t_resumed = _wait_for("epoch trained after the kill", resumed, driver, deadline, log)
                 driver.wait(timeout=max(1.0, deadline - time.time()))
             finally:
-                if driver.poll() is None:
-                    driver.kill()
-                    driver.wait()
+                reap(driver)
             t_done = time.time()
             print(f"[lost node] kill → node dead in the GCS {t_dead - t_kill:.1f}s, → replacement node up "
                   f"{t_new - t_kill:.1f}s, → first epoch trained again {t_resumed - t_kill:.1f}s, → sweep done "

@@ -26,6 +26,7 @@ from fer_ray.experiment import Experiment
 from fer_ray.models import create_model
 from fer_ray.storage import Storage, join_uri
 from fer_ray.store import read_logits, write_logits
+from fer_ray.testing import reap
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,9 +111,7 @@ def test_sweep_resume_ensemble_report_evaluate_on_s3(s3_server, tmp_path, sessio
         proc.send_signal(signal.SIGINT)  # the in-process trial finished, the DDP trial has started
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:  # never leave a driver behind for the tests that follow
-            proc.kill()
-            proc.wait()
+        reap(proc)
     done = epochs_done()
     finished = [t for t, n in done.items() if n == 3]
     assert finished and len(done) == 2, done
