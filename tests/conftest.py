@@ -142,6 +142,18 @@ def no_session_ray(request):
         _start_session_ray()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module's torch single-threaded (``pytest.mark.usefixtures("one_thread")``): on shared cores, spinning
+    intra-op threads make small-op models 50× slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, fake credentials in the environment; yields

@@ -19,13 +19,7 @@ from fer_ray.loop import TrainingRun
 from fer_ray.models import create_model, list_models
 from fer_ray.whiten import patch_covariance, stem_conv, whiten_stem
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def arrays(n_train: int = 64, n_val: int = 32, seed: int = 0) -> dict:

@@ -18,13 +18,7 @@ MODELS = list_models()
 SMALL = 64  # size the 96/224 px models are trained backward at, to keep the suite fast on CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run single-threaded: on shared cores, spinning intra-op threads make small-op models 50× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @cache
