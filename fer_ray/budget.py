@@ -589,8 +589,9 @@ def record_deadline(exp, deadline: SweepDeadline) -> None:
     """Add what ``deadline`` did to the experiment's ``budget.json`` (trials cut by an earlier invocation stay)."""
     info = exp.budget() or {}
     rec = deadline.record()
+    with_history = set(exp.trial_ids())  # a trial stopped before its first epoch has none
     for trial_id, cut in rec["cut_trials"].items():  # an epoch can end at the deadline, after Tune's last report
-        if exp.exists(f"trials/{trial_id}/history.json"):  # none: stopped before its first epoch
+        if trial_id in with_history:
             cut["epoch"] = max(cut["epoch"], len(exp.history(trial_id)))
     info["cut_trials"] = info.get("cut_trials", {}) | rec["cut_trials"]
     info["stopped_sweep"], info["guarded"] = rec["stopped_sweep"], rec["guarded"]
