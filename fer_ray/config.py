@@ -593,6 +593,11 @@ class SweepConfig(_Config):
     """How trial configs are proposed: ``{algorithm: random}`` (the default) or ``{algorithm: optuna}``."""
     max_failures: int = 1
     """Tune retries per trial (a retried trial resumes from its last epoch checkpoint)."""
+    reuse_actors: bool = True
+    """Tune's ``reuse_actors`` for sweeps whose trials all train in-process (``num_workers: 0``, every candidate):
+    a finished trial's process takes the next trial of the same resources instead of a new process importing
+    torch again. Sweeps with DDP trials always start a fresh driver per trial (``fer_ray.sweep.reuses_actors``).
+    ``false``: a fresh process per trial."""
     tta_views: list = field(default_factory=lambda: ["identity", "hflip"])
     ensemble_top_k: int = 3
     wandb: bool = False

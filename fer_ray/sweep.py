@@ -90,6 +90,13 @@ def concurrency(cfg: SweepConfig) -> int:
     return n
 
 
+def reuses_actors(cfg: SweepConfig) -> bool:
+    """Whether Tune reuses a finished trial's process for the next (``cfg.reuse_actors``): only when every trial
+    trains in-process. A DDP trial's driver owns its Ray Train controller and worker placement group, which go
+    with the driver's process; a reused driver kept them (the next trial then waited for their CPUs forever)."""
+    return cfg.reuse_actors and all(c.num_workers == 0 for c in trial_configs(cfg))
+
+
 def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failures: int,
                  sweep: SweepConfig | None = None, launchable: set[str] | None = None) -> None:
     """One trial: pin its GPU type (``fer_ray.placement``), build the TorchTrainer for its config and fit it."""
@@ -231,7 +238,7 @@ def run_sweep(cfg: SweepConfig, exp: Experiment | str, resume: bool = False, num
                                         scheduler=make_scheduler(cfg, max_running=running),
                                         num_samples=cfg.num_samples,
                                         search_alg=make_searcher(cfg, None if cfg.asha.synchronous else running),
-                                        trial_dirname_creator=_trial_dirname),
+                                        trial_dirname_creator=_trial_dirname, reuse_actors=reuses_actors(cfg)),
             run_config=tune.RunConfig(name=TUNE, storage_path=exp.tune_storage(group), verbose=int(verbose),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       # PBT: an exploit restores from another trial's latest checkpoint, which

@@ -45,6 +45,13 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session):
     assert set(kept) == {best, 3}, f"Ray keeps the best (val_acc) and the latest checkpoint, kept {sorted(kept)}"
 
 
+def _trial_actors() -> set[str]:
+    """The ids of every Tune function-trial actor the session's Ray has run (State API)."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=10_000)}
+
+
 def _sweep_cmd(*args):
     return [sys.executable, "-m", "fer_ray.cli", "sweep", *args, "--sweep-only"]
 
@@ -112,7 +119,10 @@ asha: {{max_t: 4, grace_period: 4}}
         assert checkpoint_mtimes(trial_id) == mtimes
     # The same sweep run without interruption ends with the same leaderboard, to the last digit (in this process,
     # joined to the same Ray: the drivers above are the ones whose faults are under test).
+    # Its three in-process trials run one after another in fewer processes than trials (``reuse_actors``).
+    before = _trial_actors()
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "straight"), "--sweep-only"]) == 0
+    assert 1 <= len(_trial_actors() - before) < 3, _trial_actors() - before
     straight = pd.read_parquet(tmp_path / "straight" / "resume" / "trials.parquet")
 
     def board(t: pd.DataFrame, root: Path) -> list:

@@ -121,3 +121,15 @@ def test_a_scheduler_pickled_under_its_old_module_path_still_loads(monkeypatch):
     assert type(loaded) is schedulers.SuccessiveHalving
     assert (loaded._get_n0(0), loaded._get_r0(0), loaded._max_running, loaded._halvings) == (4, 1, 2, 2)
     assert pickle.loads(b"cfer_ray.sweep\nSuccessiveHalving\n.") is schedulers.SuccessiveHalving  # by name alone
+
+
+def test_trial_processes_are_reused_only_when_every_trial_trains_in_process():
+    from fer_ray.sweep import reuses_actors
+
+    base = {"train": {"model": "basic_cnn", "num_workers": 0}}
+    assert reuses_actors(SweepConfig.from_dict(base, "sweep"))
+    assert not reuses_actors(SweepConfig.from_dict(base | {"reuse_actors": False}, "sweep"))
+    ddp = {"train": {"model": "basic_cnn", "num_workers": 2, "cpus_per_worker": 0.9}}
+    assert not reuses_actors(SweepConfig.from_dict(ddp, "sweep"))
+    mixed = base | {"search_space": {"num_workers": {"grid": [0, 2]}}}  # a DDP candidate: fresh drivers
+    assert not reuses_actors(SweepConfig.from_dict(mixed, "sweep"))
