@@ -93,7 +93,8 @@ def concurrency(cfg: SweepConfig) -> int:
 def reuses_actors(cfg: SweepConfig) -> bool:
     """Whether Tune reuses a finished trial's process for the next (``cfg.reuse_actors``): only when every trial
     trains in-process. A DDP trial's driver owns its Ray Train controller and worker placement group, which go
-    with the driver's process; a reused driver kept them (the next trial then waited for their CPUs forever)."""
+    with the driver's process, which finishes them after the trial's last report: Tune found the reused driver
+    still busy, could not reset it, and the sweep hung (Tune 2.60)."""
     return cfg.reuse_actors and all(c.num_workers == 0 for c in trial_configs(cfg))
 
 
@@ -102,6 +103,9 @@ def trial_driver(config: dict, *, data_ref, exp_uri: str, group: str, max_failur
     """One trial: pin its GPU type (``fer_ray.placement``), build the TorchTrainer for its config and fit it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # A reused process (``reuses_actors``) first waits for the previous trial's thread to end: Tune's default of 2 s
+    # can pass on a loaded machine, and Tune 2.60 then hangs instead of starting a fresh process.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     trial_id = tune.get_context().get_trial_id()
     cfg = TrainConfig.from_dict(sweep.conditioned(config["train"]) if sweep else config["train"], "train")
     rule = sweep.rule_for(cfg.model) if sweep else None
