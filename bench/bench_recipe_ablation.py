@@ -49,26 +49,34 @@ def variant(base: TrainConfig, changes: dict) -> TrainConfig:
 
 
 class Budget(Hook):
-    """Stops after the first epoch that ends past ``limit_s``; ``best`` is the best val acc within it."""
+    """Stops after the first epoch that ends past ``limit_s``. ``best`` is the best val acc among the epochs that
+    ended within the budget (``within`` of them); ``curve`` holds every epoch trained, the last one possibly past it.
+    ``clock``: injectable for tests."""
 
-    def __init__(self, limit_s: float | None):
-        self.limit_s, self.t0, self.best, self.images, self.train_s = limit_s, time.perf_counter(), 0.0, 0, 0.0
+    def __init__(self, limit_s: float | None, clock=time.perf_counter):
+        self.limit_s, self.clock = limit_s, clock
+        self.t0, self.best, self.within, self.images, self.train_s, self.curve = clock(), 0.0, 0, 0, 0.0, []
 
     def after_epoch(self, run: TrainingRun, metrics: dict) -> None:
-        within = self.limit_s is None or time.perf_counter() - self.t0 <= self.limit_s
+        elapsed = self.clock() - self.t0
+        within = self.limit_s is None or elapsed <= self.limit_s
+        self.curve.append({"epoch": run.epoch, "s": round(elapsed, 1), "val_acc": metrics["val_acc"],
+                           "within": within})
         if within:
-            self.best = max(self.best, metrics["val_acc"])
+            self.best, self.within = max(self.best, metrics["val_acc"]), self.within + 1
             self.images, self.train_s = self.images + metrics["images"], self.train_s + metrics["train_time_s"]
         run.stop = not within
 
 
 def measure(cfg: TrainConfig, arrays: dict, limit_s: float | None) -> dict:
+    """One seed: best val within the budget, the epochs within it, the last epoch's val (``last_val_acc``, past the
+    budget if the run was cut) and the epochs trained, img/s of the epochs within the budget, the whole curve."""
     budget = Budget(limit_s)
     run = TrainingRun(cfg, arrays, torch.device("cpu"))
-    budget.t0 = time.perf_counter()
+    budget.t0 = budget.clock()
     run.fit(([EMA(cfg.ema.decay, cfg.ema.warmup)] if cfg.ema.decay else []) + [budget])
-    return {"best_val_acc": budget.best, "img_per_s": budget.images / max(budget.train_s, 1e-9),
-            "epochs": run.epoch}
+    return {"best_val_acc": budget.best, "epochs_within": budget.within, "last_val_acc": budget.curve[-1]["val_acc"],
+            "epochs": run.epoch, "img_per_s": budget.images / max(budget.train_s, 1e-9), "curve": budget.curve}
 
 
 def main() -> None:
@@ -97,12 +105,16 @@ def main() -> None:
         cfg = variant(base, ABLATIONS[name])
         runs = [measure(cfg.replace(seed=s), arrays, limit) for s in args.seeds]
         row = {"lever": name, "val_acc": statistics.median(r["best_val_acc"] for r in runs),
+               "last_val_acc": statistics.median(r["last_val_acc"] for r in runs),
                "img_per_s": statistics.median(r["img_per_s"] for r in runs), "runs": runs,
                "minutes": args.minutes, "seeds": args.seeds, "changes": ABLATIONS[name]}
         rows.append(emit("recipe_ablation", row, args))
-    print(f"\n| lever | val acc at {args.minutes:g} min (median of {len(args.seeds)}) | train img/s |\n|---|---|---|")
+    print(f"\n| lever | val acc at {args.minutes:g} min (median of {len(args.seeds)}) | the seeds (epochs within) "
+          "| last epoch's val (epochs trained) | train img/s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['lever']} | {r['val_acc']:.4f} | {r['img_per_s']:.0f} |")
+        seeds = ", ".join(f"{x['best_val_acc']:.4f} ({x['epochs_within']})" for x in r["runs"])
+        last = ", ".join(f"{x['last_val_acc']:.4f} ({x['epochs']})" for x in r["runs"])
+        print(f"| {r['lever']} | {r['val_acc']:.4f} | {seeds} | {last} | {r['img_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":

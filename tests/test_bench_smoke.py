@@ -53,3 +53,29 @@ def test_script_runner_is_python_running_the_script(tmp_path):
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, f"['a'] {tmp_path} y\n", "fd2")
     proc = RUNNER.run(script, ["b"], env={"X": "y"}, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr
+
+
+def test_ablation_budget_counts_only_the_epochs_that_ended_within_it():
+    """The ablation's ``Budget``: an epoch ending past the limit stops the run and is not scored, though it is in
+    the curve (a run cut after 15 epochs must not read as 16). Injected clock; no training."""
+    import importlib.util
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_recipe_ablation", BENCH / "bench_recipe_ablation.py")
+        ablation = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ablation)
+    finally:
+        sys.path.remove(str(BENCH))
+    ends = iter([0.0, 100.0, 200.0, 300.0, 361.0])  # t0, then the end of epochs 1-4
+    budget = ablation.Budget(360.0, clock=lambda: next(ends))
+    run = SimpleNamespace(epoch=0, stop=False)
+    for val in [0.40, 0.55, 0.60, 0.70]:
+        run.epoch += 1
+        budget.after_epoch(run, {"val_acc": val, "images": 1000, "train_time_s": 90.0})
+        assert run.stop == (run.epoch == 4)
+    assert (budget.best, budget.within, budget.images, budget.train_s) == (0.60, 3, 3000, 270.0)
+    assert [(c["epoch"], c["within"]) for c in budget.curve] == [(1, True), (2, True), (3, True), (4, False)]
+    assert budget.curve[-1]["val_acc"] == 0.70
