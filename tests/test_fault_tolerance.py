@@ -45,11 +45,10 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_session):
     assert set(kept) == {best, 3}, f"Ray keeps the best (val_acc) and the latest checkpoint, kept {sorted(kept)}"
 
 
-def _trial_actors() -> set[str]:
-    """The ids of every Tune function-trial actor the session's Ray has run (State API)."""
-    from ray.util.state import list_actors
-
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=10_000)}
+def _trial_pids(exp_dir: Path) -> dict[str, set[int]]:
+    """The processes each Tune trial reported from: the ``pid`` Tune adds to every result (its ``result.json``)."""
+    return {f.parent.name: {json.loads(line)["pid"] for line in f.read_text().splitlines() if line.strip()}
+            for f in (exp_dir / "tune").glob("*/result.json")}
 
 
 def _sweep_cmd(*args):
@@ -120,9 +119,9 @@ asha: {{max_t: 4, grace_period: 4}}
     # The same sweep run without interruption ends with the same leaderboard, to the last digit (in this process,
     # joined to the same Ray: the drivers above are the ones whose faults are under test).
     # Its three in-process trials run one after another in fewer processes than trials (``reuse_actors``).
-    before = _trial_actors()
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "straight"), "--sweep-only"]) == 0
-    assert 1 <= len(_trial_actors() - before) < 3, _trial_actors() - before
+    pids = _trial_pids(tmp_path / "straight" / "resume")
+    assert len(pids) == 3 and 1 <= len(set().union(*pids.values())) < 3, pids
     straight = pd.read_parquet(tmp_path / "straight" / "resume" / "trials.parquet")
 
     def board(t: pd.DataFrame, root: Path) -> list:
