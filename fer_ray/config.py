@@ -296,7 +296,9 @@ class TrainConfig(_Config):
     grad_clip: float | None = None
     amp: str = "auto"
     """``auto`` (bf16 on sm_80+, fp16 + GradScaler on sm_70/75, fp32 below and on the CPU: ``engine.amp_rule``),
-    ``off``, or ``fp16``/``bf16`` forced on any device (the CPU included)."""
+    ``native`` (``auto`` on a GPU; on the CPU bf16 where it has avx512_bf16 or AMX, else fp32), ``off``, or
+    ``fp16``/``bf16`` forced on any device (the CPU included; bf16 is emulated, many times slower, on a CPU without
+    native bf16)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     """EMA weights (``ema: {decay: 0.999}``); off by default."""
@@ -361,7 +363,8 @@ class TrainConfig(_Config):
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        _check(self.amp in ("auto", "off", "fp16", "bf16"), "amp", f"must be auto/off/fp16/bf16, got {self.amp!r}")
+        _check(self.amp in ("auto", "native", "off", "fp16", "bf16"), "amp",
+               f"must be auto/native/off/fp16/bf16, got {self.amp!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.input in ("resize", "center_crop"), "input", f"must be resize or center_crop, got {self.input!r}")
         _check(self.aug_repeats >= 1, "aug_repeats", f"must be >= 1, got {self.aug_repeats}")

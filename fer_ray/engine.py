@@ -13,6 +13,7 @@ continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -74,19 +75,30 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     np.random.seed(value % 2**32)
 
 
-def amp_rule(amp: str, capability: tuple[int, int] | None) -> torch.dtype | None:
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX): oneDNN's bf16 kernels are fast there and
+    emulated elsewhere (measured on an AVX2-only AMD EPYC: see docs/cluster.md, "bf16 on the CPU")."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def amp_rule(amp: str, capability: tuple[int, int] | None, cpu_bf16: bool | None = None) -> torch.dtype | None:
     """The AMP dtype for ``TrainConfig.amp`` on a device of compute ``capability`` (``None``: the CPU).
 
     ``fp16``/``bf16`` are used as asked, on any device (the CPU runs them through ``torch.autocast("cpu")``, which
     is how CI exercises the GPU's AMP code). ``auto``: bf16 on sm_80 and newer (Ampere+: native bf16 tensor cores),
     fp16 + GradScaler on sm_70/sm_75 (Volta, Turing: fp16 tensor cores; ``torch.cuda.is_bf16_supported()`` answers
-    True there too, through slow emulation, so it is not asked), fp32 below sm_70 and on the CPU.
+    True there too, through slow emulation, so it is not asked), fp32 below sm_70 and on the CPU. ``native``:
+    ``auto``'s rule on a GPU, and on the CPU bf16 where it is native (``cpu_bf16``, default
+    ``cpu_native_bf16()``), else fp32: what a CPU recipe asks for to be fast on any CPU.
     """
     if amp == "off":
         return None
     if amp in ("fp16", "bf16"):
         return torch.float16 if amp == "fp16" else torch.bfloat16
-    if capability is None or capability < (7, 0):
+    if capability is None:
+        native = cpu_native_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if amp == "native" and native else None
+    if capability < (7, 0):
         return None
     return torch.bfloat16 if capability >= (8, 0) else torch.float16
 
@@ -94,7 +106,15 @@ def amp_rule(amp: str, capability: tuple[int, int] | None) -> torch.dtype | None
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """``amp_rule`` for ``cfg.amp`` on ``device`` (its compute capability when it is a GPU)."""
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if cap is None and cfg.amp == "bf16" and not cpu_native_bf16():
+        _warn_emulated_bf16()
     return amp_rule(cfg.amp, cap)
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    log.warning("train.amp: bf16 on a CPU without avx512_bf16 or AMX runs emulated, many times slower than fp32; "
+                "amp: native takes bf16 only where it is native")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

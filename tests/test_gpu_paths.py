@@ -36,6 +36,23 @@ def test_amp_on_the_cpu():
     assert engine.autocast_dtype(TrainConfig(amp="off"), cpu) is None
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_native_takes_bf16_only_where_the_cpu_has_it(monkeypatch, caplog, native):
+    """``native``: bf16 on a CPU with avx512_bf16/AMX, fp32 on one without (emulated bf16 is many times slower);
+    ``auto``'s rule on a GPU. An explicit ``bf16`` is kept on any CPU, with one warning where it is emulated."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert engine.autocast_dtype(TrainConfig(amp="native"), cpu) is (torch.bfloat16 if native else None)
+    for cap in [(6, 1), (7, 5), (8, 0)]:
+        assert engine.amp_rule("native", cap, cpu_bf16=native) is engine.amp_rule("auto", cap)
+    engine._warn_emulated_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="fer_ray.engine"):
+        for _ in range(3):
+            assert engine.autocast_dtype(TrainConfig(amp="bf16"), cpu) is torch.bfloat16
+    assert len([r for r in caplog.records if "emulated" in r.message]) == (0 if native else 1)
+
+
 def _arrays(n: int = 96, seed: int = 0) -> dict:
     data = generate(n, seed=seed)
     idx = np.random.default_rng(seed).permutation(n)
