@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import re
 from pathlib import Path
 
@@ -136,6 +137,38 @@ def load_ray_checkpoint(checkpoint) -> dict:
     """Load (and verify) the payload inside a ``ray.train.Checkpoint``, reading it from its storage in place."""
     folder, name = ray_checkpoint_file(checkpoint)
     return _load(folder, name, verify=True)
+
+
+RAY_CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
+
+
+def resumable_ray_checkpoint(checkpoint) -> tuple[dict | None, str, list[str]]:
+    """``(payload, location, refused)`` of the checkpoint a resumed run continues from: the one Ray handed it or,
+    when that one is incomplete (the driver or node died while Tune persisted it: an empty folder, a file without
+    its manifest entry), the newest complete checkpoint Ray persisted before it in the same trial folder
+    (``checkpoint_NNNNNN`` with a lower number); ``(None, "", refused)`` when none is complete (the run starts over).
+    ``refused``: one line per checkpoint passed over, saying why."""
+    refused = []
+    try:
+        return load_ray_checkpoint(checkpoint), str(checkpoint.path), refused
+    except CheckpointError as e:
+        refused.append(str(e))
+    trial = Storage(posixpath.dirname(str(checkpoint.path).rstrip("/")), filesystem=checkpoint.filesystem)
+    handed = RAY_CHECKPOINT_RE.fullmatch(posixpath.basename(str(checkpoint.path).rstrip("/")))
+    if handed is None:
+        return None, "", refused
+    earlier = sorted((int(m.group(1)), d) for d in trial.dirs() if (m := RAY_CHECKPOINT_RE.fullmatch(d))
+                     and int(m.group(1)) < int(handed.group(1)))
+    for _, name in reversed(earlier):
+        folder = Storage(trial.path(name), filesystem=checkpoint.filesystem)
+        try:
+            names = [n for n in folder.files() if EPOCH_RE.fullmatch(n)]
+            if len(names) != 1:
+                raise CheckpointError(f"{folder.uri}: expected one epoch_NNN.pt in the checkpoint, found {names}")
+            return _load(folder, names[0], verify=True), folder.uri, refused
+        except CheckpointError as e:
+            refused.append(str(e))
+    return None, "", refused
 
 
 def checkpoint_profile(ckpt: dict) -> dict:

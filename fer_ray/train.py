@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from fer_ray.checkpoint import load_ray_checkpoint, write_checkpoint
+from fer_ray.checkpoint import resumable_ray_checkpoint, write_checkpoint
 from fer_ray.config import TrainConfig
 from fer_ray.experiment import Experiment
 from fer_ray.gpu import preflight
@@ -99,13 +99,20 @@ def _restore(run: TrainingRun, in_tune_local: bool, trial_id: str = "") -> None:
         checkpoint = tune.get_checkpoint()
     else:
         checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        payload = load_ray_checkpoint(checkpoint)
-        run.load_state_dict(payload)
-        # Tune keeps a trial's checkpoints in its own folder, named after the trial id (fer_ray.sweep._trial_dirname).
-        donor = posixpath.basename(posixpath.dirname(str(checkpoint.path).rstrip("/")))
-        run.extra_state["mutations"] = mutations_since(payload, run.cfg.to_dict(), donor, trial_id, run.epoch)
-        log.warning("resuming from %s (epoch %d)", checkpoint.path, run.epoch)
+    if checkpoint is None:
+        return
+    payload, location, refused = resumable_ray_checkpoint(checkpoint)
+    for line in refused:
+        log.warning("not resuming from an incomplete checkpoint: %s", line)
+    if payload is None:
+        log.warning("no complete checkpoint to resume from in %s: this run starts over from epoch 0",
+                    posixpath.dirname(str(checkpoint.path).rstrip("/")))
+        return
+    run.load_state_dict(payload)
+    # Tune keeps a trial's checkpoints in its own folder, named after the trial id (fer_ray.sweep._trial_dirname).
+    donor = posixpath.basename(posixpath.dirname(location.rstrip("/")))
+    run.extra_state["mutations"] = mutations_since(payload, run.cfg.to_dict(), donor, trial_id, run.epoch)
+    log.warning("resuming from %s (epoch %d)", location, run.epoch)
 
 
 def mutations_since(payload: dict, config: dict, donor: str, trial_id: str, epoch: int) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Checkpoints: self-describing round trip, sha256 manifest refusal of tampered files, reading by URI."""
+"""Checkpoints: self-describing round trip, sha256 manifest refusal of tampered files, reading by URI, and the
+checkpoint a resumed run continues from when the one Ray hands it was left incomplete."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from fer_ray.checkpoint import (
     checkpoint_sha256,
     load_checkpoint,
     model_from_checkpoint,
+    resumable_ray_checkpoint,
     save_checkpoint,
 )
 from fer_ray.models import create_model
@@ -58,3 +60,33 @@ def test_read_by_uri_and_manifest_sha(tmp_path, model):
     assert checkpoint_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "epoch_004.pt")
+
+
+def test_resume_passes_over_an_incomplete_checkpoint_to_the_newest_complete_earlier_one(tmp_path, model):
+    """A driver killed while Tune persisted a checkpoint leaves its folder empty (or its file without a manifest
+    entry) and may point the resumed trial at it: the run continues from the newest complete checkpoint Ray
+    persisted before it, or starts over when there is none, saying so; never an error that ends the trial."""
+    from ray.train import Checkpoint
+
+    trial = tmp_path / "tune" / "trial_a"
+    for i, epoch in enumerate([1, 2]):
+        save_checkpoint(trial / f"checkpoint_00000{i}", epoch, model, {}, {"val_acc": 0.1 * epoch})
+    (trial / "checkpoint_000003").mkdir()  # a later one, never consulted: Ray did not hand it
+    save_checkpoint(trial / "checkpoint_000003", 4, model, {}, {})
+    (trial / "checkpoint_000002").mkdir()  # the one the kill left empty
+    payload, location, refused = resumable_ray_checkpoint(Checkpoint(str(trial / "checkpoint_000002")))
+    assert payload["epoch"] == 2 and location.endswith("checkpoint_000001")
+    assert len(refused) == 1 and "checkpoint_000002" in refused[0] and "found []" in refused[0]
+
+    # A file whose manifest entry never arrived is incomplete too; so is every folder before it here.
+    unlisted = trial / "checkpoint_000001" / "manifest.json"
+    unlisted.unlink()
+    payload, location, refused = resumable_ray_checkpoint(Checkpoint(str(trial / "checkpoint_000002")))
+    assert payload["epoch"] == 1 and location.endswith("checkpoint_000000") and len(refused) == 2
+    assert "not listed in manifest.json" in refused[1]
+
+    payload, location, refused = resumable_ray_checkpoint(Checkpoint(str(trial / "checkpoint_000000")))
+    assert payload["epoch"] == 1 and location.endswith("checkpoint_000000") and refused == []
+    (trial / "checkpoint_000000" / "epoch_001.pt").unlink()
+    payload, location, refused = resumable_ray_checkpoint(Checkpoint(str(trial / "checkpoint_000000")))
+    assert payload is None and location == "" and len(refused) == 1  # nothing earlier: the run starts over
