@@ -196,4 +196,4 @@ def test_ray_configs_pack_four_trials_on_one_gpu(gpu_check):
         assert (cfg.train.use_gpu, cfg.train.gpu_fraction) == ((True, 0.25) if device == "cuda" else (False, 1.0))
         train = gpu_check.ray_train_config(ctx)
         assert train.num_workers == 1 and train.use_gpu is (device == "cuda")
-        assert train.amp == ("auto" if device == "cuda" else "bf16")
+        assert train.amp == cfg.train.amp == ("auto" if device == "cuda" else "native")
