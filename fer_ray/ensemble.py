@@ -223,7 +223,8 @@ def out_of_fold(spec: EnsembleSpec, table: pd.DataFrame, store: dict, views: lis
     if not spec.oof_folds or not names:
         return None
     labels = store[names[0]][sel].labels
-    k = int(min(spec.oof_folds, len(labels) // 2))
+    # StratifiedKFold needs some class with at least k images: a tiny selection split gets fewer folds, or none.
+    k = int(min(spec.oof_folds, len(labels) // 2, np.bincount(labels).max(initial=0)))
     if k < 2:
         return None
     import warnings

@@ -92,6 +92,24 @@ def test_an_in_sample_only_gain_is_exposed_out_of_fold(tmp_path):
     assert leaderboard(exp).name.iloc[0] in ("honest", "honest_t"), "out-of-fold ranking does not"
 
 
+def test_a_selection_split_too_small_for_the_folds_gets_fewer(tmp_path):
+    """20 val images over 7 classes (a smoke's split): no class holds 5, so 5 stratified folds cannot be made; the
+    estimate uses as many folds as the largest class allows, and none where no class has 2 images."""
+    rng = np.random.default_rng(3)
+    labels = {"val": np.repeat(np.arange(7), 3)[:20], "public_test": rng.integers(0, 7, 40)}
+    members = {f"m{i}": {s: _member(labels[s], rng.random(len(labels[s])) < 0.5, rng) for s in labels}
+               for i in range(2)}
+    (tmp_path / "a").mkdir()
+    exp = _experiment(tmp_path / "a", members, labels)
+    out = run_ensemble(exp, EnsembleSpec(name="small", members={"top_k": 2}, oof_folds=5))
+    assert out["oof"]["folds"] == 3 and 0 <= out["oof"]["accuracy"] <= 1
+    labels["val"] = np.arange(7)  # one image per class: no fold can hold a class out
+    members = {m: {s: x[: len(labels[s])] for s, x in per.items()} for m, per in members.items()}
+    (tmp_path / "b").mkdir()
+    exp = _experiment(tmp_path / "b", members, labels)
+    assert run_ensemble(exp, EnsembleSpec(name="tiny", members={"top_k": 2}, oof_folds=5))["oof"] is None
+
+
 def test_bagged_greedy_averages_bags_and_reproduces(tmp_path):
     rng = np.random.default_rng(2)
     labels = {s: rng.integers(0, 7, N) for s in ("val", "public_test")}
