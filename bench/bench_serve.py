@@ -14,7 +14,6 @@ import http.client
 import io
 import json
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -27,12 +26,7 @@ from PIL import Image
 
 from fer_ray import serve as fer_serve
 from fer_ray.data.synthetic import generate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fer_ray.nodes import free_port
 
 
 def load(port: int, path: str, bodies: list[bytes], requests: int, clients: int, timeout_s: float = 600.0) -> dict:

@@ -150,11 +150,21 @@ def format_plan(plan: NodePlan, host: str = "127.0.0.1", port: int = 6379, pytho
 
 
 # -- starting and ending the plan's processes ----------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now. Drawn with all ``n`` sockets bound at once: one port
+    drawn, released and drawn again can come back the same (the kernel hands out a just-closed port again), and
+    two Ray components given one port refuse to start ("... is trying to use a port number ... that is used by
+    other components")."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now (``free_ports`` for several that must differ)."""
+    return free_ports(1)[0]
 
 
 def session_pids(sid: int) -> list[int]:
@@ -221,16 +231,16 @@ def start_nodes(plan: NodePlan, object_store_mb: int | None = None, timeout_s: f
 
         object_store_mb = max(100, int(psutil.virtual_memory().total * 0.3 / 2**20 / len(plan.nodes)))
     tmp = tempfile.mkdtemp(prefix="fer_ray_nodes_")  # short: Ray's socket paths live under it
-    gcs = free_port()
+    gcs, dash, client, *agents = free_ports(3 + len(plan.nodes))
     nodes = LocalNodes(f"127.0.0.1:{gcs}", tmp)
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
     procs: list[subprocess.Popen] = []
     try:
         for i, node in enumerate(plan.nodes):
-            role = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-                    f"--ray-client-server-port={free_port()}"] if node.head else [f"--address={nodes.gcs_address}"]
+            role = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={client}"] if node.head else [f"--address={nodes.gcs_address}"]
             cmd = [sys.executable, "-m", "fer_ray.nodes", "start", "--block", *role, "--node-ip-address=127.0.0.1",
-                   *node.resource_args(), f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={tmp}",
+                   *node.resource_args(), f"--dashboard-agent-listen-port={agents[i]}", f"--temp-dir={tmp}",
                    f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats"]
             log = Path(tmp, f"node{i}.log")
             with open(log, "wb") as f:  # the child keeps its own descriptor

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fer_ray.nodes import end_session, free_port
+from fer_ray.nodes import end_session, free_port, free_ports
 
 
 def run_arrays(n: int = 96, n_train: int = 64, seed: int = 0) -> dict:
@@ -272,7 +272,7 @@ def autoscaling_cluster(types: dict | None = None, idle_timeout_minutes: float =
     the head's and every worker node's processes), by its id, and remove the temp folder. Token authentication is
     on: clients need ``LocalCluster.env``."""
     tmp = tempfile.mkdtemp(prefix="fer_ray_asc_")  # short: Ray's socket paths live under it
-    gcs, dash, client, agent = free_port(), free_port(), free_port(), free_port()
+    gcs, dash, client, agent = free_ports(4)
     config = autoscaling_config(gcs, types or node_types(), idle_timeout_minutes, upscaling_speed)
     cfg_path = Path(tmp, "autoscaling.yaml")
     cfg_path.write_text(_dump_yaml(config))

@@ -106,6 +106,57 @@ def test_ray_start_lines_give_each_node_its_gpus_type_and_ports():
         in worker
 
 
+class _KernelSocket:
+    """A loopback socket whose ``bind(0)`` gets the lowest port no open one holds, as a kernel may: a port drawn,
+    closed and drawn again comes back the same."""
+
+    held: set = set()
+
+    def __init__(self, *args):
+        self.port = None
+
+    def bind(self, address):
+        self.port = min(set(range(40000, 40100)) - self.held)
+        self.held.add(self.port)
+
+    def getsockname(self):
+        return ("127.0.0.1", self.port)
+
+    def close(self):
+        self.held.discard(self.port)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_started_nodes_get_distinct_ports(monkeypatch, tmp_path):
+    """Every port ``start_nodes`` gives the nodes differs from the others, on a kernel that hands a just-closed port
+    out again (two components on one port: Ray refused to start the head, "dashboard_agent_http is trying to use a
+    port number 34555 that is used by other components", seen in the suite)."""
+    import re
+    import subprocess
+
+    commands = []
+
+    class Recorded:
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+            self.pid = 1 << 22
+
+    monkeypatch.setattr(nodes.socket, "socket", _KernelSocket)
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    monkeypatch.setattr(nodes, "_wait_started", lambda *a: None)
+    monkeypatch.setattr(nodes.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    started = nodes.start_nodes(plan(SEEDS_BOX, archs=CU126), object_store_mb=100)
+    assert len(commands) == 2 and started.gcs_address.startswith("127.0.0.1:")
+    ports = [int(p) for cmd in commands for a in cmd for p in re.findall(r"^--[a-z-]*port=(\d+)$", a)]
+    assert len(ports) == 5 and len(set(ports)) == 5, ports  # gcs, dashboard, client server, one agent a node
+    assert len(set(nodes.free_ports(20))) == 20
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["start", "--labels=ray.io/accelerator-type=GeForce-RTX-3090"], R),
     (["start", "--labels", "zone=a,ray.io/accelerator-type=T4"], "T4"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -19,15 +18,10 @@ from PIL import Image
 
 from fer_ray.bundle import load_bundle
 from fer_ray.data import synthetic
+from fer_ray.nodes import free_port
 from fer_ray.predict import PROB_COLUMNS, predict
 
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes, ctype: str) -> tuple[int, dict]:
