@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import re
 import select
@@ -54,30 +53,48 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 @contextlib.contextmanager
 def s3_server(bucket: str = "fer-test", prefix: str = "runs") -> Iterator[str]:
-    """Start moto's S3 server on 127.0.0.1 and a free port, put fake credentials in ``os.environ`` (so Ray started
-    afterwards, and subprocesses, get them), create ``bucket``; yield ``s3://bucket/prefix?region=...&
-    endpoint_override=127.0.0.1:PORT&scheme=http``. Stops the server and restores the environment on exit."""
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
+    """Start moto's S3 server (``moto_server``) on 127.0.0.1 and a free port in a process of its own, put fake
+    credentials in ``os.environ`` (so Ray started afterwards, and subprocesses, get them), create ``bucket``; yield
+    ``s3://bucket/prefix?region=...&endpoint_override=127.0.0.1:PORT&scheme=http``. On exit, end the server's process
+    session (by its id) and restore the environment.
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    Its own process, as a real bucket is: served from a thread of the test's process, every request waited for that
+    process's GIL, which the test's own work (pandas, torch, report plots) held; the end-to-end S3 test took 2.6× its
+    time alone in the suite."""
+    import pyarrow.fs as pafs
+
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     try:
+        deadline = time.monotonic() + 120  # a liveness guard: it listens within a few seconds
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"moto's S3 server did not start:\n{log.read()[-2000:].decode(errors='replace')}")
+            time.sleep(0.1)
         query = f"region=us-east-1&endpoint_override=127.0.0.1:{port}&scheme=http"
         fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{query}&allow_bucket_creation=true")
         fs.create_dir(bucket)
         yield f"s3://{bucket}/{prefix}?{query}"
     finally:
-        server.stop()
+        end_session(proc.pid, grace_s=5.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        log.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # -- a bucket outage: a loopback TCP proxy in front of the S3 server ----------------------------------------------
@@ -294,7 +311,9 @@ def autoscaling_cluster(types: dict | None = None, idle_timeout_minutes: float =
             time.sleep(0.5)
         yield cluster
     finally:
-        end_session(proc.pid)
+        # SIGTERM, then SIGKILL after 5 s: the head's `ray start --block` waits on its GCS for the whole of a longer
+        # grace (20 s, measured), and nothing of a run lives only on this cluster (LocalNodes.stop does the same).
+        end_session(proc.pid, grace_s=5.0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         log_file.close()
