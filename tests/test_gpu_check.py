@@ -49,7 +49,10 @@ def test_gpu_check_smoke_on_cpu(tmp_path, session_env):
     correctness = doc["sections"]["correctness"]
     assert correctness["failed_checks"] == [] and correctness["skipped_for_budget"] == []
     runs = {(r["model"], r["precision"]): r for r in correctness["training"]}
-    assert len(runs) == 9 and runs["basic_cnn", "bf16"]["amp_dtype"] == "torch.bfloat16"
+    # fp32 and bf16 for every model, fp16 once (Plan.fp16_models: emulated on a CPU, the same path for any model).
+    models = ("basic_cnn", "resnet_fer", "timm/resnet18")
+    assert sorted(runs) == sorted([(m, p) for m in models for p in ("fp32", "bf16")] + [("basic_cnn", "fp16")])
+    assert runs["basic_cnn", "bf16"]["amp_dtype"] == "torch.bfloat16"
     assert runs["basic_cnn", "bf16"]["logits_dtype"] == "torch.bfloat16"
     assert runs["basic_cnn", "fp16"]["scaler"] == "GradScaler" and runs["basic_cnn", "fp32"]["scaler"] is None
     assert all(r["pass"] and r["steps"] == 12 for r in runs.values())
@@ -134,7 +137,8 @@ def test_correctness_budget_skips_models_and_reports_them(gpu_check, monkeypatch
 
 def test_smoke_has_no_budget_and_fixed_work(gpu_check, monkeypatch):
     """``--smoke`` sets every budget to infinity and sizes every section in steps/epochs, so however slow the
-    machine (here: an hour per training run), all 9 correctness runs happen."""
+    machine (here: an hour per training run), all 7 correctness runs of the smoke happen (fp16 for the first model
+    only), and the GPU run's plan trains all 9."""
     args = gpu_check.parse_args(["--smoke"])
     assert all(math.isinf(getattr(args, n)) for n in ("correctness_s", "throughput_s", "budget_s", "packing_s"))
     assert not any(math.isinf(getattr(gpu_check.parse_args([]), n)) for n in ("correctness_s", "budget_s"))
@@ -144,7 +148,8 @@ def test_smoke_has_no_budget_and_fixed_work(gpu_check, monkeypatch):
     clock = FakeClock()
     runs = stub_correctness(gpu_check, monkeypatch, clock, step_s=3600.0)
     result = gpu_check.section_correctness(context(gpu_check, clock, budget=args.correctness_s))
-    assert len(runs) == 9 and result["skipped_for_budget"] == []
+    assert len(runs) == 7 and result["skipped_for_budget"] == [] and runs.count(("basic_cnn", "fp16")) == 1
+    assert [len(gpu_check.Plan().precisions(m)) for m in gpu_check.CORRECTNESS_MODELS] == [3, 3, 3]
 
 
 def test_throughput_budget_skips_models_and_reports_them(gpu_check, monkeypatch):
