@@ -49,7 +49,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path, session_env):
     correctness = doc["sections"]["correctness"]
     assert correctness["failed_checks"] == [] and correctness["skipped_for_budget"] == []
     runs = {(r["model"], r["precision"]): r for r in correctness["training"]}
-    # fp32 and bf16 for every model, fp16 once (Plan.fp16_models: emulated on a CPU, the same path for any model).
+    # fp32 and bf16 for every model, fp16 once (Plan.fp16_models: a slow path on a CPU, the same for any model).
     models = ("basic_cnn", "resnet_fer", "timm/resnet18")
     assert sorted(runs) == sorted([(m, p) for m in models for p in ("fp32", "bf16")] + [("basic_cnn", "fp16")])
     assert runs["basic_cnn", "bf16"]["amp_dtype"] == "torch.bfloat16"
