@@ -349,6 +349,15 @@ def load_data(args: argparse.Namespace, plan: Plan) -> tuple[FERData, str]:
 # --------------------------------------------------------------------------------------------- a. environment
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` is empty on most Linux hosts)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+
+
 def section_environment(ctx: Context) -> dict:
     from importlib import metadata
 
@@ -357,7 +366,8 @@ def section_environment(ctx: Context) -> dict:
     dev = ctx.device
     out = {"device": str(dev), "python": sys.version.split()[0], "platform": platform.platform(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_model": _cpu_model()}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         out |= {"gpu": props.name, "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))),
@@ -410,7 +420,8 @@ def train_fixed_batch(ctx: Context, name: str, precision: str) -> dict:
            "scaler": type(run.scaler).__name__ if run.scaler else None,
            "scale": run.scaler.get_scale() if run.scaler else None, "steps": len(losses),
            f"loss_first{w}": first, f"loss_last{w}": last, "finite": bool(np.all(np.isfinite(losses))),
-           "decreasing": last < first, "pass": ok, "s": time.perf_counter() - t0}
+           "decreasing": last < first, "pass": ok, "s": time.perf_counter() - t0,
+           "losses": [round(float(x), 6) for x in losses], "threads": torch.get_num_threads()}
     log("correctness", f"{name} {precision}: loss {first:.3f} -> {last:.3f} ({'ok' if ok else 'FAIL'})")
     if precision == "fp32":
         ctx.trained[name] = run
