@@ -881,13 +881,15 @@ def ray_train_config(ctx: Context) -> TrainConfig:
 
 def ray_sweep_config(ctx: Context, cache: Path):
     """The Tune sweep: 4 in-process trials (``num_workers: 0``) packed onto the one GPU at ``gpu_fraction: 0.25``
-    (half a CPU each on the CPU), synchronous successive halving over ``plan.ray_epochs`` epochs of synthetic data."""
+    (one CPU each on the CPU: two at a time, in two trial processes that Tune reuses, where half a CPU each started
+    four and cost the smoke 118 busy CPU-s against 86), synchronous successive halving over ``plan.ray_epochs``
+    epochs of synthetic data."""
     from fer_ray.config import SweepConfig
 
     cuda, epochs = ctx.device.type == "cuda", ctx.plan.ray_epochs
     train = {"model": "basic_cnn", "epochs": epochs, "batch_size": 32, "num_workers": 0, "amp": "auto" if cuda
              else "native", "use_gpu": cuda, "gpu_fraction": 0.25 if cuda else 1.0,
-             "cpus_per_worker": 2.0 if cuda else 0.5}
+             "cpus_per_worker": 2.0 if cuda else 1.0}
     return SweepConfig.from_dict({
         "name": "gpu_check_ray", "data": {"synthetic_n": ctx.plan.ray_synthetic_n, "val_fraction": 0.15,
                                           "cache_dir": str(cache)},

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fer_ray import engine
+from fer_ray import engine, sweep
 from fer_ray.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,13 +192,15 @@ def test_ray_section_is_skipped_where_ray_does_not_import(gpu_check, monkeypatch
 
 
 def test_ray_configs_pack_four_trials_on_one_gpu(gpu_check):
-    """The Ray section's sweep: 4 trials at a quarter GPU each on CUDA (half a CPU each on the CPU), one halving."""
+    """The Ray section's sweep: 4 trials at a quarter GPU each on CUDA (one CPU each on the CPU: two at a time, in
+    two processes that Tune reuses), one halving."""
     for device in ("cuda", "cpu"):
         ctx = gpu_check.Context(argparse.Namespace(smoke=device == "cpu"), torch.device(device),
                                 gpu_check.Plan.smoke(), emit=lambda **kv: None, deadline=math.inf)
         cfg = gpu_check.ray_sweep_config(ctx, Path("cache"))
         assert cfg.num_trials() == 4 and cfg.asha.synchronous and cfg.train.num_workers == 0
         assert (cfg.train.use_gpu, cfg.train.gpu_fraction) == ((True, 0.25) if device == "cuda" else (False, 1.0))
+        assert cfg.train.cpus_per_worker == (2.0 if device == "cuda" else 1.0) and sweep.reuses_actors(cfg)
         train = gpu_check.ray_train_config(ctx)
         assert train.num_workers == 1 and train.use_gpu is (device == "cuda")
         assert train.amp == cfg.train.amp == ("auto" if device == "cuda" else "native")
