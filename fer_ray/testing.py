@@ -1,7 +1,8 @@
 """Helpers the tests and benchmarks share: a real S3-compatible server (moto's server mode) on loopback, a TCP
 proxy in front of it that can take the bucket away (``flaky_proxy``: refused connections, slow responses), and a
 real autoscaling Ray cluster on this one machine (Ray's own autoscaler driving its fake multi-node provider), and
-the small synthetic ``arrays`` a ``fer_ray.loop.TrainingRun`` takes (``run_arrays``).
+the small synthetic ``arrays`` a ``fer_ray.loop.TrainingRun`` takes (``run_arrays``), and the machine's speed that a
+suite's wall time is read against (``machine_reference``).
 
 ``s3_server`` needs the ``dev`` extra (``moto[server]``). Nothing in the pipeline imports this module.
 """
@@ -36,6 +37,40 @@ def run_arrays(n: int = 96, n_train: int = 64, seed: int = 0) -> dict:
     data = generate(n, seed=seed)
     idx = np.random.default_rng(seed).permutation(n)
     return {"images": data.images, "labels": data.labels, "splits": {"train": idx[:n_train], "val": idx[n_train:]}}
+
+
+def machine_reference(steps: int = 8) -> dict:
+    """This machine's speed, to read a suite's wall time against (its speed varies 2x from day to day): the median
+    of ``steps`` fp32 SGD steps of ``basic_cnn`` at 48 px and batch 64 on one thread, and a pure-Python loop of a
+    million multiply-adds. ``make test`` prints it after the tests, when nothing else runs (``tests/conftest.py``)."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from fer_ray.models import create_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = create_model("basic_cnn", img_size=48)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(64, 1, 48, 48), torch.randint(0, 7, (64,))
+        times = []
+        for _ in range(steps + 2):  # the first two warm up
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sum(i * i for i in range(1_000_000))
+        python_s = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return {"torch_step_ms": 1e3 * statistics.median(times[2:]), "python_loop_ms": 1e3 * python_s,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def reap(proc: subprocess.Popen) -> None:

@@ -162,3 +162,18 @@ def s3_server():
 
     with s3_server() as uri:
         yield uri
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After ``make test``'s run (xdist's controller; not ``make test-fast``'s ``-m``, not a single module run
+    without ``-n``), the machine's speed measured now, with nothing else running
+    (``fer_ray.testing.machine_reference``): the suite's wall time is read against it."""
+    if (hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
+            or config.option.markexpr or config.option.collectonly):
+        return
+    from fer_ray.testing import machine_reference
+
+    ref = machine_reference()
+    terminalreporter.write_line(f"machine reference after the tests: basic_cnn fp32 step (48 px, batch 64, 1 thread) "
+                                f"{ref['torch_step_ms']:.0f} ms, Python loop {ref['python_loop_ms']:.0f} ms, "
+                                f"torch CPU capability {ref['cpu_capability']} (docs/development.md)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fer_ray.testing import ScriptRunner
+from fer_ray.testing import ScriptRunner, machine_reference
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # bench_flops runs once, with --amp bf16 (the test below): that run is the plain smoke's fp32 run plus the bf16 arm.
@@ -79,3 +79,12 @@ def test_ablation_budget_counts_only_the_epochs_that_ended_within_it():
     assert (budget.best, budget.within, budget.images, budget.train_s) == (0.60, 3, 3000, 270.0)
     assert [(c["epoch"], c["within"]) for c in budget.curve] == [(1, True), (2, True), (3, True), (4, False)]
     assert budget.curve[-1]["val_acc"] == 0.70
+
+
+def test_machine_reference_times_a_step_and_a_loop_and_restores_the_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    ref = machine_reference(steps=2)
+    assert ref["torch_step_ms"] > 0 and ref["python_loop_ms"] > 0 and ref["cpu_capability"]
+    assert torch.get_num_threads() == threads
