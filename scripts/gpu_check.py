@@ -223,7 +223,7 @@ def _cell(v) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "traceback"]  # tracebacks: JSON only
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in ("traceback", "losses")]  # JSON only
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return lines + [""]
